@@ -1,0 +1,25 @@
+// The one registration file: kernels of the `npn_ext` library, whose schemas are defined in
+// Python (npn_kernels/_ext.py), so this file holds TORCH_LIBRARY_IMPL blocks only.
+#include <torch/library.h>
+
+#include "cpu/npn_cpu.h"
+#if defined(NPN_WITH_CUDA)
+#include "cuda/npn_cuda.h"
+#endif
+
+TORCH_LIBRARY_IMPL(npn_ext, CPU, m) {
+  m.impl("uniforms", &npn::cpu::uniforms);
+  m.impl("philox4x32", &npn::cpu::philox4x32);
+}
+
+// Scalar-only ops carry no tensor to dispatch on.
+TORCH_LIBRARY_IMPL(npn_ext, CompositeExplicitAutograd, m) {
+  m.impl("build_info", &npn::cpu::build_info);
+  m.impl("parallel_threads", &npn::cpu::parallel_threads);
+}
+
+#if defined(NPN_WITH_CUDA)
+TORCH_LIBRARY_IMPL(npn_ext, CUDA, m) {
+  m.impl("uniforms", &npn::cuda::uniforms);
+}
+#endif

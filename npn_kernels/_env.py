@@ -1,0 +1,47 @@
+"""Every environment variable npn_kernels reads, read here and nowhere else.
+
+This module imports nothing from the package (and not torch), so setup.py can load it by path.
+"""
+
+from __future__ import annotations
+
+import os
+
+# name -> what it does; the README's table is generated from the same words.
+ENV_VARS: dict[str, str] = {
+    "NPN_BACKEND": "Backend for every op: `reference`, `cpu`, `cuda` or `triton`. "
+    "Unset: chosen per device (CUDA: triton, else cuda, else reference; CPU: cpu, else reference).",
+    "NPN_SKIP_EXT": "`1`: `setup.py` builds no C++ extension (only the reference and Triton backends).",
+    "NPN_FORCE_CUDA": "`1`: `setup.py` builds the CUDA sources even where no GPU is visible "
+    "(needs a CUDA build of torch and nvcc).",
+    "NPN_BENCH_RESULTS": "Folder where `npn bench` writes its JSON (default `bench/results/`).",
+    "TRITON_INTERPRET": "Triton's own switch, read when the kernels are imported: `1` runs the "
+    "Triton kernels on CPU tensors (the test suite sets it).",
+}
+
+
+def _flag(name: str) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    return value not in ("", "0", "false", "no", "off")
+
+
+def backend() -> str | None:
+    """NPN_BACKEND, or None when unset or empty."""
+    value = os.environ.get("NPN_BACKEND", "").strip().lower()
+    return value or None
+
+
+def skip_ext() -> bool:
+    return _flag("NPN_SKIP_EXT")
+
+
+def force_cuda() -> bool:
+    return _flag("NPN_FORCE_CUDA")
+
+
+def bench_results() -> str | None:
+    return os.environ.get("NPN_BENCH_RESULTS") or None
+
+
+def triton_interpret() -> bool:
+    return _flag("TRITON_INTERPRET")

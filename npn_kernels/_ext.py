@@ -1,0 +1,36 @@
+"""The compiled extension npn_kernels._C: schemas of its `npn_ext::` ops and whether it loaded.
+
+The C++ side only registers kernels (csrc/register.cpp holds TORCH_LIBRARY_IMPL blocks); the
+schemas are defined here, once, so a missing or broken `_C` leaves a clear reason instead of an
+import error.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_LIB = torch.library.Library("npn_ext", "DEF")
+_LIB.define("uniforms(int n, Tensor seed, Tensor offset) -> Tensor")
+_LIB.define("philox4x32(Tensor counters, Tensor keys) -> Tensor")
+_LIB.define("build_info() -> str")
+_LIB.define("parallel_threads(int n) -> int")
+
+try:
+    from npn_kernels import _C  # noqa: F401  (loading it registers the kernels)
+
+    LOAD_ERROR: str | None = None
+except (ImportError, OSError) as exc:  # OSError: a _C built against another torch
+    LOAD_ERROR = f"npn_kernels._C did not load ({type(exc).__name__}: {exc})"
+
+ops = torch.ops.npn_ext
+
+
+def loaded() -> bool:
+    return LOAD_ERROR is None
+
+
+def build_info() -> dict[str, str]:
+    """{'compiler': ..., 'openmp': ..., 'cuda': 'yes'|'no'} of the loaded extension."""
+    if not loaded():
+        return {}
+    return dict(item.split("=", 1) for item in ops.build_info().split("; "))

@@ -1,0 +1,60 @@
+"""The noise stream in Triton: `tl.randint4x` is the stream's definition (DESIGN 4.1)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from npn_kernels.ops.aot import AotSpec
+
+
+@triton.jit
+def uniform_at(seed, offset, idx):
+    """Noise element ``idx`` (an int64 block) of the stream starting at counter ``offset``.
+
+    Each element runs its own Philox (4x the work of `_uniforms_kernel`'s interleave), which is
+    what a kernel needs when its elements are not 4-aligned runs, e.g. a tile of a gate matrix.
+    """
+    r0, r1, r2, r3 = tl.randint4x(seed, offset + (idx >> 2))
+    word = idx & 3
+    r = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+    return tl.uint_to_uniform_float(r)
+
+
+@triton.jit
+def _uniforms_kernel(out_ptr, n, seed_ptr, offset_ptr, BLOCK: tl.constexpr):
+    """out[n] float32; each program writes BLOCK elements from BLOCK // 4 Philox counters."""
+    pid = tl.program_id(0).to(tl.int64)
+    seed = tl.load(seed_ptr)
+    offset = tl.load(offset_ptr)
+    c = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4).to(tl.int64)
+    r0, r1, r2, r3 = tl.randint4x(seed, offset + c)
+    u0 = tl.uint_to_uniform_float(r0)
+    u1 = tl.uint_to_uniform_float(r1)
+    u2 = tl.uint_to_uniform_float(r2)
+    u3 = tl.uint_to_uniform_float(r3)
+    # join(join(u0, u2), join(u1, u3))[c, i, j] = word 2i + j: row-major order is u0 u1 u2 u3.
+    u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), (BLOCK,))
+    idx = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    tl.store(out_ptr + idx, u, mask=idx < n)
+
+
+_BLOCK = 1024
+
+AOT = [
+    AotSpec(
+        _uniforms_kernel,
+        {"out_ptr": "*fp32", "n": "i64", "seed_ptr": "*i64", "offset_ptr": "*i64"},
+        {"BLOCK": _BLOCK},
+    ),
+]
+
+
+def uniforms(n: int, seed: Tensor, offset: Tensor) -> Tensor:
+    """float32 [n] on seed's device; seed and offset are int64 scalars on that device."""
+    out = torch.empty(n, dtype=torch.float32, device=seed.device)
+    if n > 0:
+        _uniforms_kernel[(triton.cdiv(n, _BLOCK),)](out, n, seed, offset, BLOCK=_BLOCK)
+    return out
