@@ -15,6 +15,7 @@ ENV_VARS: dict[str, str] = {
     "NPN_FORCE_CUDA": "`1`: `setup.py` builds the CUDA sources even where no GPU is visible "
     "(needs a CUDA build of torch and nvcc).",
     "NPN_BENCH_RESULTS": "Folder where `npn bench` writes its JSON (default `bench/results/`).",
+    "NPN_TEST_SEED": "Base seed of the test suite (default: random, printed in the pytest header).",
     "TRITON_INTERPRET": "Triton's own switch, read when the kernels are imported: `1` runs the "
     "Triton kernels on CPU tensors (the test suite sets it).",
 }
@@ -45,3 +46,9 @@ def bench_results() -> str | None:
 
 def triton_interpret() -> bool:
     return _flag("TRITON_INTERPRET")
+
+
+def test_seed() -> int:
+    """NPN_TEST_SEED, or a fresh random seed when unset."""
+    value = os.environ.get("NPN_TEST_SEED", "").strip()
+    return int(value) if value else int.from_bytes(os.urandom(4), "little")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 _LIB = torch.library.Library("npn_ext", "DEF")
-_LIB.define("uniforms(int n, Tensor seed, Tensor offset) -> Tensor")
+_LIB.define("uniforms(Tensor seed, Tensor offset, Tensor(a!) out) -> ()")
 _LIB.define("philox4x32(Tensor counters, Tensor keys) -> Tensor")
 _LIB.define("build_info() -> str")
 _LIB.define("parallel_threads(int n) -> int")

@@ -84,7 +84,7 @@ def current() -> str | None:
     return None if env is None else _check_name(env, "NPN_BACKEND")
 
 
-def _runs_on(name: str, device: torch.device) -> bool:
+def runs_on(name: str, device: torch.device) -> bool:
     if name == "reference":
         return True
     if name == "cpu":
@@ -99,7 +99,7 @@ def select(device: torch.device | str) -> str:
     device = torch.device(device)
     name = current()
     if name is not None:
-        if not _runs_on(name, device):
+        if not runs_on(name, device):
             raise ValueError(
                 f"backend {name!r} cannot run on {device.type} tensors; choose another with "
                 f"npn.backends.use(...) or NPN_BACKEND"

@@ -2,7 +2,6 @@
 // `philox4x32` (raw Philox on arbitrary counters and keys, for the Random123 known answers).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
@@ -18,12 +17,14 @@ uint64_t read_u64_scalar(const at::Tensor& t, const char* name) {
   return static_cast<uint64_t>(t.item<int64_t>());
 }
 
-// out[n] float32; element i = uniform_at(seed, offset, i).
-at::Tensor uniforms(int64_t n, const at::Tensor& seed, const at::Tensor& offset) {
-  TORCH_CHECK(n >= 0, "n: expected >= 0, got ", n);
+// out [n] float32, contiguous; element i = uniform_at(seed, offset, i).
+void uniforms(const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& out) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.is_cpu(),
+              "out: expected a contiguous float32 CPU tensor, got ", out.scalar_type(), " on ",
+              out.device());
   const uint64_t s = read_u64_scalar(seed, "seed");
   const uint64_t o = read_u64_scalar(offset, "offset");
-  at::Tensor out = at::empty({n}, seed.options().dtype(at::kFloat));
+  const int64_t n = out.numel();
   float* p = out.data_ptr<float>();
   const int64_t n_counters = (n + 3) / 4;
   // One counter costs ~10 rounds x 2 multiplies: 4096 counters (~40 us) per task keeps the
@@ -36,7 +37,6 @@ at::Tensor uniforms(int64_t n, const at::Tensor& seed, const at::Tensor& offset)
       for (int64_t w = 0; w < m; ++w) p[base + w] = uint_to_uniform(r.w[w]);
     }
   });
-  return out;
 }
 
 // counters [N, 4] and keys [N, 2], int64 holding uint32 values -> [N, 4] int64 words.

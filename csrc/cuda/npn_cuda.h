@@ -5,6 +5,6 @@
 
 namespace npn::cuda {
 
-at::Tensor uniforms(int64_t n, const at::Tensor& seed, const at::Tensor& offset);
+void uniforms(const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& out);
 
 }  // namespace npn::cuda

@@ -1,6 +1,5 @@
 // Torch glue of the CUDA kernels: checks, allocation, stream; the math is in the .cu files.
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "npn_cuda.h"
@@ -16,17 +15,18 @@ void check_rng_scalar(const at::Tensor& t, const char* name) {
 }
 }  // namespace
 
-at::Tensor uniforms(int64_t n, const at::Tensor& seed, const at::Tensor& offset) {
-  TORCH_CHECK(n >= 0, "n: expected >= 0, got ", n);
+// out [n] float32, contiguous, on seed's device.
+void uniforms(const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& out) {
   check_rng_scalar(seed, "seed");
   check_rng_scalar(offset, "offset");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.device() == seed.device(),
+              "out: expected a contiguous float32 tensor on ", seed.device(), ", got ",
+              out.scalar_type(), " on ", out.device());
   const c10::cuda::CUDAGuard guard(seed.device());
-  at::Tensor out = at::empty({n}, seed.options().dtype(at::kFloat));
   const at::Tensor s = seed.contiguous();
-  const at::Tensor o = offset.to(seed.device()).contiguous();
-  C10_CUDA_CHECK(uniforms_launch(out.data_ptr<float>(), n, s.data_ptr<int64_t>(),
+  const at::Tensor o = offset.contiguous();
+  C10_CUDA_CHECK(uniforms_launch(out.data_ptr<float>(), out.numel(), s.data_ptr<int64_t>(),
                                  o.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream()));
-  return out;
 }
 
 }  // namespace npn::cuda

@@ -16,11 +16,14 @@ def uniforms_op(n: int, seed: Tensor, offset: Tensor) -> Tensor:
     backend = backends.select(seed.device)
     if backend == "reference":
         return reference.uniforms(n, seed, offset)
-    if backend in ("cpu", "cuda"):
-        return _ext.ops.uniforms(n, seed, offset)
-    from npn_kernels.ops.uniforms import triton as uniforms_triton
+    out = torch.empty(n, dtype=torch.float32, device=seed.device)
+    if backend == "triton":
+        from npn_kernels.ops.uniforms import triton as uniforms_triton
 
-    return uniforms_triton.uniforms(n, seed, offset)
+        uniforms_triton.uniforms(seed, offset, out)
+    else:
+        _ext.ops.uniforms(seed, offset, out)
+    return out
 
 
 @uniforms_op.register_fake

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -52,9 +51,8 @@ AOT = [
 ]
 
 
-def uniforms(n: int, seed: Tensor, offset: Tensor) -> Tensor:
-    """float32 [n] on seed's device; seed and offset are int64 scalars on that device."""
-    out = torch.empty(n, dtype=torch.float32, device=seed.device)
+def uniforms(seed: Tensor, offset: Tensor, out: Tensor) -> None:
+    """Fill ``out`` (float32 [n], contiguous) with the stream; seed, offset: int64 scalars."""
+    n = out.numel()
     if n > 0:
         _uniforms_kernel[(triton.cdiv(n, _BLOCK),)](out, n, seed, offset, BLOCK=_BLOCK)
-    return out

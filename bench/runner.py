@@ -1,0 +1,135 @@
+"""Times registered cases: variants interleaved in one process, medians, ratios, JSON.
+
+Interleaving (v1, v2, v1, v2, ...) rather than timing one variant after another keeps slow
+drifts of the machine (turbo, other load) out of the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bench.registry import Case, load_all
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _calls_per_sample(fn, min_seconds: float) -> int:
+    """How many calls make one sample last >= min_seconds (timer resolution and call overhead)."""
+    _sync()
+    start = time.perf_counter()
+    fn()
+    _sync()
+    once = max(time.perf_counter() - start, 1e-7)
+    return max(1, int(min_seconds / once))
+
+
+def time_case(case: Case, *, small: bool, rounds: int, min_seconds: float) -> list[dict]:
+    variants = case.make(small)
+    for fn in variants.values():  # warm-up: lazy imports, allocator, caches
+        fn()
+    calls = {name: _calls_per_sample(fn, min_seconds) for name, fn in variants.items()}
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            _sync()
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            _sync()
+            samples[name].append((time.perf_counter() - start) / calls[name])
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    base = medians[case.baseline]
+    nbytes = case.bytes_moved(small) if case.bytes_moved else None
+    rows = []
+    for name, median in medians.items():
+        ratio = median / base
+        target = case.targets.get(name)
+        ok = None if target is None else (ratio <= target[1] if target[0] == "<=" else ratio >= target[1])
+        rows.append(
+            {
+                "case": case.name,
+                "row": case.row,
+                "variant": name,
+                "median_ms": median * 1e3,
+                "ratio": ratio,
+                "target": None if target is None else f"{target[0]} {target[1]:.3g}",
+                "ok": ok,
+                "gb_per_s": None if nbytes is None else nbytes / median / 1e9,
+            }
+        )
+    return rows
+
+
+def machine() -> dict:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": "cpu",
+    }
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+    return info
+
+
+def format_table(rows: list[dict]) -> str:
+    header = f"{'case':<18}{'row':<5}{'variant':<28}{'median ms':>11}{'ratio':>8}{'GB/s':>8}  target"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        gbs = "" if r["gb_per_s"] is None else f"{r['gb_per_s']:.2f}"
+        verdict = "" if r["ok"] is None else ("ok" if r["ok"] else "MISS")
+        target = "" if r["target"] is None else f"{r['target']} {verdict}"
+        lines.append(
+            f"{r['case']:<18}{r['row']:<5}{r['variant']:<28}{r['median_ms']:>11.3f}{r['ratio']:>8.3f}{gbs:>8}  {target}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="npn bench", description="Run the kernel benchmarks (ratios, medians).")
+    parser.add_argument("-k", "--filter", default="", help="run only cases whose name or row contains this")
+    parser.add_argument("--small", action="store_true", help="small shapes: a smoke run, not a measurement")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved samples per variant (median taken)")
+    parser.add_argument("--min-seconds", type=float, default=0.05, help="minimum duration of one sample")
+    parser.add_argument("--out", default=None, help="JSON path (default: bench/results/<device>-<date>.json)")
+    parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    args = parser.parse_args(argv)
+
+    from npn_kernels import _env
+
+    cases = load_all()
+    selected = [c for c in cases.values() if args.filter in c.name or (c.row and args.filter in c.row)]
+    if args.list:
+        for c in cases.values():
+            print(f"{c.name:<18}{c.row:<5}{c.description}")
+        return 0
+    if not selected:
+        parser.error(f"--filter {args.filter!r} matches no case; see --list")
+    rows = []
+    for case in selected:
+        rows += time_case(case, small=args.small, rounds=args.rounds, min_seconds=args.min_seconds)
+    print(format_table(rows))
+    info = machine()
+    out = Path(args.out) if args.out else Path(_env.bench_results() or RESULTS_DIR) / (
+        f"{info['device'].replace(' ', '_')}-{info['date'][:10]}{'-small' if args.small else ''}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": info, "small": args.small, "results": rows}, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0 if all(r["ok"] is not False for r in rows) or args.small else 1
