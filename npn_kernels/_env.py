@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-# name -> what it does; the README's table is generated from the same words.
+# name -> what it does; tests/test_env.py checks that the README table lists every name.
 ENV_VARS: dict[str, str] = {
     "NPN_BACKEND": "Backend for every op: `reference`, `cpu`, `cuda` or `triton`. "
     "Unset: chosen per device (CUDA: triton, else cuda, else reference; CPU: cpu, else reference).",
@@ -52,3 +52,8 @@ def test_seed() -> int:
     """NPN_TEST_SEED, or a fresh random seed when unset."""
     value = os.environ.get("NPN_TEST_SEED", "").strip()
     return int(value) if value else int.from_bytes(os.urandom(4), "little")
+
+
+def set_variables() -> dict[str, str]:
+    """The variables of ENV_VARS that are set, with their values (for `npn info`)."""
+    return {name: os.environ[name] for name in ENV_VARS if name in os.environ}

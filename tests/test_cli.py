@@ -1,0 +1,36 @@
+"""The `npn` console script and the bench runner, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import npn_kernels as npn
+from npn_kernels import cli
+
+
+def test_info_lists_backends_versions_and_reasons(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"npn_kernels {npn.__version__}" in out
+    assert "torch " in out and "triton " in out and "numpy " in out and "python " in out
+    for name, ok in npn.backends.available().items():
+        line = next(line for line in out.splitlines() if line.strip().startswith(name))
+        assert ("yes" in line) == ok
+        if not ok:
+            assert npn.backends.reasons()[name] in line
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "npn_kernels.cli", "info"], capture_output=True, text=True, check=True)
+    assert "backends:" in out.stdout
+
+
+def test_bench_runner_writes_ratios(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert cli.main(["bench", "-k", "uniforms", "--small", "--rounds", "2", "--min-seconds", "0.001", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in data["results"]}
+    assert rows["torch.rand"]["ratio"] == 1.0 and rows["reference"]["median_ms"] > 0
+    assert "ratio" in capsys.readouterr().out
