@@ -2,15 +2,31 @@
 
 A case's ``make(small)`` builds its inputs and returns {variant name: zero-argument callable};
 ``baseline`` names the variant the others are divided by. ``targets`` holds DESIGN section 6's
-figures as {variant: (op, ratio)} with ratio = time(variant) / time(baseline), op "<=" or ">=".
+figures as :class:`Target`: time(variant) / time(versus) must satisfy ``op value``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 Variants = dict[str, Callable[[], object]]
+
+
+@dataclass(frozen=True)
+class Target:
+    variant: str
+    op: str  # "<=" or ">="
+    value: float
+    versus: str | None = None  # default: the case's baseline
+
+    def check(self, medians: dict[str, float], baseline: str) -> tuple[float, bool]:
+        """(the ratio, whether it meets the target)."""
+        ratio = medians[self.variant] / medians[self.versus or baseline]
+        return ratio, (ratio <= self.value if self.op == "<=" else ratio >= self.value)
+
+    def describe(self, baseline: str) -> str:
+        return f"{self.op} {self.value:.3g}x {self.versus or baseline}"
 
 
 @dataclass(frozen=True)
@@ -20,7 +36,7 @@ class Case:
     description: str
     baseline: str
     make: Callable[[bool], Variants]
-    targets: dict[str, tuple[str, float]] = field(default_factory=dict)
+    targets: tuple[Target, ...] = ()
     bytes_moved: Callable[[bool], int] | None = None  # for GB/s, per call of a variant
 
 

@@ -10,6 +10,10 @@
 TORCH_LIBRARY_IMPL(npn_ext, CPU, m) {
   m.impl("uniforms", &npn::cpu::uniforms);
   m.impl("philox4x32", &npn::cpu::philox4x32);
+  m.impl("sample_gates", &npn::cpu::sample_gates);
+  m.impl("sample_gates_backward", &npn::cpu::sample_gates_backward);
+  m.impl("l0_penalty", &npn::cpu::l0_penalty);
+  m.impl("l0_penalty_backward", &npn::cpu::l0_penalty_backward);
 }
 
 // Scalar-only ops carry no tensor to dispatch on.
@@ -21,5 +25,9 @@ TORCH_LIBRARY_IMPL(npn_ext, CompositeExplicitAutograd, m) {
 #if defined(NPN_WITH_CUDA)
 TORCH_LIBRARY_IMPL(npn_ext, CUDA, m) {
   m.impl("uniforms", &npn::cuda::uniforms);
+  m.impl("sample_gates", &npn::cuda::sample_gates);
+  m.impl("sample_gates_backward", &npn::cuda::sample_gates_backward);
+  m.impl("l0_penalty", &npn::cuda::l0_penalty);
+  m.impl("l0_penalty_backward", &npn::cuda::l0_penalty_backward);
 }
 #endif

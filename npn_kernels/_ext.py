@@ -12,6 +12,25 @@ import torch
 _LIB = torch.library.Library("npn_ext", "DEF")
 _LIB.define("uniforms(Tensor seed, Tensor offset, Tensor(a!) out) -> ()")
 _LIB.define("philox4x32(Tensor counters, Tensor keys) -> Tensor")
+# Gates (DESIGN 2.1, 2.2): family 0 = Binary, params [k]; 1 = HardConcrete, [beta, gamma, zeta].
+# out / grad_z have phi's shape (batch noise) or [B, *phi.shape] (example noise).
+_LIB.define(
+    "sample_gates(Tensor phi, Tensor seed, Tensor offset, int family, float[] params, bool training, "
+    "Tensor(a!) out) -> ()"
+)
+_LIB.define(
+    "sample_gates_backward(Tensor grad_z, Tensor phi, Tensor seed, Tensor offset, int family, "
+    "float[] params, bool training, Tensor(a!) grad_phi) -> ()"
+)
+_LIB.define(
+    "l0_penalty(Tensor phi, Tensor? weight, int family, float[] params, float group_size, float l0, "
+    "float weight_decay, bool sumsq) -> Tensor"
+)
+_LIB.define(
+    "l0_penalty_backward(Tensor grad, Tensor phi, Tensor? weight, int family, float[] params, "
+    "float group_size, float l0, float weight_decay, bool sumsq, Tensor(a!) grad_phi, "
+    "Tensor(b!)? grad_weight) -> ()"
+)
 _LIB.define("build_info() -> str")
 _LIB.define("parallel_threads(int n) -> int")
 
@@ -30,7 +49,7 @@ def loaded() -> bool:
 
 
 def build_info() -> dict[str, str]:
-    """{'compiler': ..., 'openmp': ..., 'cuda': 'yes'|'no'} of the loaded extension."""
+    """{'compiler': ..., 'openmp': ..., 'simd': ..., 'cuda': 'yes'|'no'} of the loaded extension."""
     if not loaded():
         return {}
     return dict(item.split("=", 1) for item in ops.build_info().split("; "))

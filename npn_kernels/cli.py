@@ -29,7 +29,7 @@ def info_lines() -> list[str]:
         f"npn_kernels {__version__}",
         f"python {platform.python_version()}, torch {torch.__version__}, triton {_version('triton')}, "
         f"numpy {_version('numpy')}",
-        f"extension: {'compiled with ' + build['compiler'] + ', openmp ' + build['openmp'] + ', cuda ' + build['cuda'] if build else 'not loaded'}",
+        f"extension: {'compiled with ' + build['compiler'] + ', openmp ' + build['openmp'] + ', simd ' + build['simd'] + ', cuda ' + build['cuda'] if build else 'not loaded'}",
         f"threads: {threads}",
         "backends:",
     ]

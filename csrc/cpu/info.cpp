@@ -26,6 +26,13 @@ std::string build_info() {
 #else
   s += "; openmp=no";
 #endif
+#if defined(__AVX512F__)
+  s += "; simd=avx512";
+#elif defined(__AVX2__)
+  s += "; simd=avx2";
+#else
+  s += "; simd=baseline";
+#endif
 #if defined(NPN_WITH_CUDA)
   s += "; cuda=yes";
 #else

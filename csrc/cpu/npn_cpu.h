@@ -2,9 +2,13 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
+
+#include "npn/gates.h"
 
 namespace npn::cpu {
 
@@ -12,6 +16,28 @@ uint64_t read_u64_scalar(const at::Tensor& t, const char* name);
 void uniforms(const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& out);
 at::Tensor philox4x32(const at::Tensor& counters, const at::Tensor& keys);
 std::string build_info();
+
+// Argument checks shared with the CUDA glue: the family and its params (errors name them), and
+// B of a gate-shaped tensor z: 1 if z has phi's shape, z.size(0) if it is [B, *phi.shape].
+GateSpec parse_gate_spec(int64_t family, c10::ArrayRef<double> params);
+int64_t gate_batch(const at::Tensor& z, const at::Tensor& phi, const char* name);
+
+// Gate sampling and the L0 penalty (csrc/cpu/gates.cpp); schemas in npn_kernels/_ext.py.
+void sample_gates(const at::Tensor& phi, const at::Tensor& seed, const at::Tensor& offset,
+                  int64_t family, c10::ArrayRef<double> params, bool training,
+                  const at::Tensor& out);
+void sample_gates_backward(const at::Tensor& grad_z, const at::Tensor& phi,
+                           const at::Tensor& seed, const at::Tensor& offset, int64_t family,
+                           c10::ArrayRef<double> params, bool training,
+                           const at::Tensor& grad_phi);
+at::Tensor l0_penalty(const at::Tensor& phi, const std::optional<at::Tensor>& weight,
+                      int64_t family, c10::ArrayRef<double> params, double group_size, double l0,
+                      double weight_decay, bool sumsq);
+void l0_penalty_backward(const at::Tensor& grad, const at::Tensor& phi,
+                         const std::optional<at::Tensor>& weight, int64_t family,
+                         c10::ArrayRef<double> params, double group_size, double l0,
+                         double weight_decay, bool sumsq, const at::Tensor& grad_phi,
+                         const std::optional<at::Tensor>& grad_weight);
 int64_t parallel_threads(int64_t n);
 
 }  // namespace npn::cpu

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Every module that defines Triton kernels; the AOT check and its test walk this list.
-KERNEL_MODULES: tuple[str, ...] = ("npn_kernels.ops.uniforms.triton",)
+KERNEL_MODULES: tuple[str, ...] = ("npn_kernels.ops.uniforms.triton", "npn_kernels.ops.gates.triton")
 
 
 @dataclass(frozen=True)

@@ -28,3 +28,8 @@ def rng_tensors(seed, offset, device: torch.device | str) -> tuple[Tensor, Tenso
     """(seed, offset) as int64 scalar tensors on ``device``; ints are range-checked."""
     device = torch.device(device)
     return _as_int64_scalar(seed, "seed", device), _as_int64_scalar(offset, "offset", device)
+
+
+def counters_for(numel: int) -> int:
+    """Philox counters a draw of ``numel`` noise elements consumes: each counter gives 4 words."""
+    return (numel + 3) // 4

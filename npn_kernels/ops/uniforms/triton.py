@@ -23,19 +23,26 @@ def uniform_at(seed, offset, idx):
 
 
 @triton.jit
-def _uniforms_kernel(out_ptr, n, seed_ptr, offset_ptr, BLOCK: tl.constexpr):
-    """out[n] float32; each program writes BLOCK elements from BLOCK // 4 Philox counters."""
-    pid = tl.program_id(0).to(tl.int64)
-    seed = tl.load(seed_ptr)
-    offset = tl.load(offset_ptr)
-    c = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4).to(tl.int64)
+def uniform_block(seed, offset, start, BLOCK: tl.constexpr):
+    """Noise elements ``start`` ... ``start + BLOCK - 1`` (start and BLOCK multiples of 4).
+
+    Four elements per Philox call, from the BLOCK // 4 counters ``offset + start // 4 + c``.
+    """
+    c = (start >> 2) + tl.arange(0, BLOCK // 4).to(tl.int64)
     r0, r1, r2, r3 = tl.randint4x(seed, offset + c)
     u0 = tl.uint_to_uniform_float(r0)
     u1 = tl.uint_to_uniform_float(r1)
     u2 = tl.uint_to_uniform_float(r2)
     u3 = tl.uint_to_uniform_float(r3)
     # join(join(u0, u2), join(u1, u3))[c, i, j] = word 2i + j: row-major order is u0 u1 u2 u3.
-    u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), (BLOCK,))
+    return tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), (BLOCK,))
+
+
+@triton.jit
+def _uniforms_kernel(out_ptr, n, seed_ptr, offset_ptr, BLOCK: tl.constexpr):
+    """out[n] float32; each program writes BLOCK elements from BLOCK // 4 Philox counters."""
+    pid = tl.program_id(0).to(tl.int64)
+    u = uniform_block(tl.load(seed_ptr), tl.load(offset_ptr), pid * BLOCK, BLOCK)
     idx = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     tl.store(out_ptr + idx, u, mask=idx < n)
 

@@ -1,0 +1,473 @@
+// CPU kernels of gate sampling and the L0 penalty (DESIGN 2.1, 2.2, 4.2): the formulas are in
+// npn/gates.h, the noise in npn/philox.h. Noise is never stored: backward regenerates it.
+//
+// Work is cut into blocks of 64 elements (16 Philox counters). Within a block every loop runs
+// over arrays with no calls and no loop-variant branches, so gcc vectorizes the Philox rounds
+// (across the 16 counters), the word -> float conversion and the gate formulas.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <type_traits>
+
+#include "npn/gates.h"
+#include "npn/philox.h"
+#include "npn_cpu.h"
+
+namespace npn::cpu {
+
+namespace {
+
+constexpr int64_t kCounters = 16;          // Philox counters per block
+constexpr int64_t kBlock = 4 * kCounters;  // elements per block
+// Grain sizes in blocks, so that tensors below them run inline on the calling thread: an
+// OpenMP region costs ~5-10 us. Measured (AVX-512 build, 4M gates on 2 threads): a HardConcrete
+// sampling block (Philox + log + exp) takes ~0.2 us, a penalty block ~0.04 us, so 128 and 512
+// blocks are ~25 us and ~20 us of work (2-4x that in a baseline SSE2 build).
+constexpr int64_t kGrainNoise = 128;
+constexpr int64_t kGrainPenalty = 512;
+// Independent double partial sums of the penalty, so gcc vectorizes the accumulation without
+// reassociating a single sum (which -O3 alone does not allow).
+constexpr int64_t kLanes = 8;
+
+// u[0, 64) = the stream's elements of the 16 counters c, c + 1, ..., c + 15.
+void philox_block(uint64_t seed, uint64_t c, float* __restrict__ u) {
+  const auto k0 = static_cast<uint32_t>(seed);
+  const auto k1 = static_cast<uint32_t>(seed >> 32);
+  uint32_t w[4][kCounters];
+  for (int64_t j = 0; j < kCounters; ++j) {
+    const uint64_t cj = c + static_cast<uint64_t>(j);
+    const Philox4 r = philox4x32_10(static_cast<uint32_t>(cj), static_cast<uint32_t>(cj >> 32),
+                                    0u, 0u, k0, k1);
+    for (int q = 0; q < 4; ++q) w[q][j] = r.w[q];
+  }
+  for (int64_t j = 0; j < kCounters; ++j) {
+    for (int q = 0; q < 4; ++q) u[4 * j + q] = uint_to_uniform(w[q][j]);
+  }
+}
+
+// u[k] = uniform_at(seed, offset, i0 + k) for k < len <= 64; i0 need not be a multiple of 4
+// (example noise with a row length n % 4 != 0), which then costs a second Philox block.
+void block_uniforms(uint64_t seed, uint64_t offset, int64_t i0, int64_t len, float* u) {
+  if ((i0 & 3) == 0 && len == kBlock) {
+    philox_block(seed, offset + static_cast<uint64_t>(i0 >> 2), u);
+    return;
+  }
+  float words[kBlock];
+  for (int64_t done = 0; done < len;) {
+    const int64_t i = i0 + done;
+    philox_block(seed, offset + static_cast<uint64_t>(i >> 2), words);
+    const int64_t m = std::min(len - done, kBlock - (i & 3));
+    std::copy(words + (i & 3), words + (i & 3) + m, u + done);
+    done += m;
+  }
+}
+
+// Calls f(std::integral_constant<int64_t, F>) for the runtime family.
+template <typename Fn>
+void with_family(int64_t family, Fn&& f) {
+  if (family == kBinary) {
+    f(std::integral_constant<int64_t, kBinary>{});
+  } else {
+    f(std::integral_constant<int64_t, kHardConcrete>{});
+  }
+}
+
+// Calls f(std::integral_constant<bool, b>) for the runtime flag.
+template <typename Fn>
+void with_bool(bool b, Fn&& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// What a group's penalty knows about its weights: none, W (q = W^2) or q = ||W_g||^2 itself.
+enum WeightKind : int { kNoWeight = 0, kWeightSquare = 1, kWeightSumsq = 2 };
+
+template <typename Fn>
+void with_weight_kind(bool has_weight, bool sumsq, Fn&& f) {
+  if (!has_weight) {
+    f(std::integral_constant<int, kNoWeight>{});
+  } else if (sumsq) {
+    f(std::integral_constant<int, kWeightSumsq>{});
+  } else {
+    f(std::integral_constant<int, kWeightSquare>{});
+  }
+}
+
+template <int kW, typename T, typename scalar_t>
+inline T weight_q(const scalar_t* w, int64_t k) {
+  if constexpr (kW == kNoWeight) {
+    return T(0);
+  } else if constexpr (kW == kWeightSquare) {
+    const T v = static_cast<T>(w[k]);
+    return v * v;
+  } else {
+    return static_cast<T>(w[k]);
+  }
+}
+
+// out [B * n] (flat), phi [n]: out[i] = z(u_i, phi[i % n]).
+template <typename scalar_t, int64_t F, bool kTrain>
+void sample_kernel(const scalar_t* phi, scalar_t* out, int64_t n, int64_t total, uint64_t seed,
+                   uint64_t offset, const Gate<at::opmath_type<scalar_t>>& gate) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t blocks = (total + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, kGrainNoise, [&](int64_t b0, int64_t b1) {
+    // A local copy: stores to out cannot alias it, so it stays in registers and the loops
+    // vectorize (the Binary penalty backward took 10 ms instead of 1.5 ms through a reference).
+    const Gate<T> g = gate;
+    float u[kBlock] = {};
+    scalar_t wrapped[kBlock];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t i0 = blk * kBlock;
+      const int64_t len = std::min(kBlock, total - i0);
+      const int64_t j0 = i0 % n;
+      const scalar_t* x = phi + j0;
+      if (j0 + len > n) {  // the block crosses a row of example noise
+        for (int64_t k = 0; k < len; ++k) wrapped[k] = phi[(j0 + k) % n];
+        x = wrapped;
+      }
+      if constexpr (kTrain) block_uniforms(seed, offset, i0, len, u);
+      scalar_t* o = out + i0;
+      for (int64_t k = 0; k < len; ++k) {
+        o[k] = static_cast<scalar_t>(gate_z<F, kTrain>(u[k], static_cast<T>(x[k]), g));
+      }
+    }
+  });
+}
+
+// grad_z [B, n], phi [n] -> grad_phi [n] = sum_b grad_z[b] * dz/dphi (HardConcrete only).
+template <typename scalar_t, bool kTrain>
+void sample_backward_kernel(const scalar_t* gz, const scalar_t* phi, scalar_t* gphi, int64_t n,
+                            int64_t batch, uint64_t seed, uint64_t offset,
+                            const Gate<at::opmath_type<scalar_t>>& gate) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, kGrainNoise / batch), [&](int64_t b0,
+                                                                             int64_t b1) {
+    const Gate<T> g = gate;  // local copy, see sample_kernel
+    float u[kBlock] = {};
+    T acc[kBlock];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t j0 = blk * kBlock;
+      const int64_t len = std::min(kBlock, n - j0);
+      const scalar_t* x = phi + j0;
+      if (kTrain && batch == 1) {  // batch noise: no sum, no accumulator pass
+        block_uniforms(seed, offset, j0, len, u);
+        for (int64_t k = 0; k < len; ++k) {
+          const T d = gate_dz<kHardConcrete, true>(u[k], static_cast<T>(x[k]), g);
+          gphi[j0 + k] = static_cast<scalar_t>(static_cast<T>(gz[j0 + k]) * d);
+        }
+        continue;
+      }
+      std::fill(acc, acc + kBlock, T(0));
+      if constexpr (kTrain) {
+        for (int64_t b = 0; b < batch; ++b) {
+          block_uniforms(seed, offset, b * n + j0, len, u);
+          const scalar_t* gzb = gz + b * n + j0;
+          for (int64_t k = 0; k < len; ++k) {
+            acc[k] += static_cast<T>(gzb[k]) *
+                      gate_dz<kHardConcrete, true>(u[k], static_cast<T>(x[k]), g);
+          }
+        }
+      } else {  // no noise: dz/dphi is the same for every b
+        for (int64_t b = 0; b < batch; ++b) {
+          const scalar_t* gzb = gz + b * n + j0;
+          for (int64_t k = 0; k < len; ++k) acc[k] += static_cast<T>(gzb[k]);
+        }
+        for (int64_t k = 0; k < len; ++k) {
+          acc[k] *= gate_dz<kHardConcrete, false>(0.0f, static_cast<T>(x[k]), g);
+        }
+      }
+      for (int64_t k = 0; k < len; ++k) gphi[j0 + k] = static_cast<scalar_t>(acc[k]);
+    }
+  });
+}
+
+// sum_g P_g (l0 |g| + wd/2 q_g) over phi [n], in double partial sums.
+template <typename scalar_t, int64_t F, int kW>
+double penalty_kernel(const scalar_t* phi, const scalar_t* w, int64_t n,
+                      const Gate<at::opmath_type<scalar_t>>& gate,
+                      const PenaltyCoef<at::opmath_type<scalar_t>>& coef) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  return at::parallel_reduce(
+      0, blocks, kGrainPenalty, 0.0,
+      [&](int64_t b0, int64_t b1, double ident) {
+        const Gate<T> g = gate;  // local copies, see sample_kernel
+        const PenaltyCoef<T> c = coef;
+        double lanes[kLanes] = {};
+        T terms[kBlock];
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const int64_t j0 = blk * kBlock;
+          const int64_t len = std::min(kBlock, n - j0);
+          const scalar_t* x = phi + j0;
+          const scalar_t* wb = kW == kNoWeight ? nullptr : w + j0;
+          for (int64_t k = 0; k < len; ++k) {
+            const T p = gate_prob<F>(static_cast<T>(x[k]), g).p;
+            terms[k] = penalty_term(p, weight_q<kW, T>(wb, k), c);
+          }
+          std::fill(terms + len, terms + kBlock, T(0));
+          for (int64_t k = 0; k < kBlock; k += kLanes) {
+            for (int64_t l = 0; l < kLanes; ++l) lanes[l] += static_cast<double>(terms[k + l]);
+          }
+        }
+        double s = ident;
+        for (int64_t l = 0; l < kLanes; ++l) s += lanes[l];
+        return s;
+      },
+      std::plus<double>());
+}
+
+// grad_phi [n] = grad * d penalty / d phi; grad_weight [n] (if given) = grad * d penalty / d w.
+template <typename scalar_t, int64_t F, int kW>
+void penalty_backward_kernel(const scalar_t* phi, const scalar_t* w, scalar_t* gphi, scalar_t* gw,
+                             int64_t n, at::opmath_type<scalar_t> grad,
+                             const Gate<at::opmath_type<scalar_t>>& gate,
+                             const PenaltyCoef<at::opmath_type<scalar_t>>& coef) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, kGrainPenalty, [&](int64_t b0, int64_t b1) {
+    const Gate<T> g = gate;  // local copies, see sample_kernel
+    const PenaltyCoef<T> c = coef;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t j0 = blk * kBlock;
+      const int64_t len = std::min(kBlock, n - j0);
+      const scalar_t* x = phi + j0;
+      const scalar_t* wb = kW == kNoWeight ? nullptr : w + j0;
+      if (gw == nullptr) {
+        for (int64_t k = 0; k < len; ++k) {
+          const Prob<T> p = gate_prob<F>(static_cast<T>(x[k]), g);
+          const T dphi = penalty_dphi<F>(p, weight_q<kW, T>(wb, k), g, c);
+          gphi[j0 + k] = static_cast<scalar_t>(grad * dphi);
+        }
+        continue;
+      }
+      if constexpr (kW != kNoWeight) {  // one exp per gate gives both gradients
+        for (int64_t k = 0; k < len; ++k) {
+          const Prob<T> p = gate_prob<F>(static_cast<T>(x[k]), g);
+          const T dphi = penalty_dphi<F>(p, weight_q<kW, T>(wb, k), g, c);
+          gphi[j0 + k] = static_cast<scalar_t>(grad * dphi);
+          gw[j0 + k] = static_cast<scalar_t>(
+              grad * penalty_dweight<kW == kWeightSumsq>(p.p, static_cast<T>(wb[k]), c));
+        }
+      }
+    }
+  });
+}
+
+bool is_gate_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_phi(const at::Tensor& phi) {
+  TORCH_CHECK(phi.is_cpu() && is_gate_dtype(phi.scalar_type()),
+              "phi: expected a floating-point CPU tensor (float32, float64, float16, bfloat16), "
+              "got ",
+              phi.scalar_type(), " on ", phi.device());
+}
+
+// t: contiguous CPU tensor of phi's dtype and the given shape.
+void check_output(const at::Tensor& t, const at::Tensor& phi, const char* name) {
+  TORCH_CHECK(t.is_cpu() && t.is_contiguous() && t.scalar_type() == phi.scalar_type() &&
+                  t.sizes() == phi.sizes(),
+              name, ": expected a contiguous CPU tensor of dtype ", phi.scalar_type(),
+              " and shape ", phi.sizes(), ", got ", t.scalar_type(), " ", t.sizes(),
+              t.is_contiguous() ? "" : " (non-contiguous)", " on ", t.device());
+}
+
+}  // namespace
+
+GateSpec parse_gate_spec(int64_t family, c10::ArrayRef<double> params) {
+  GateSpec s{family, 0.0, 0.0, 0.0, 0.0};
+  if (family == kBinary) {
+    TORCH_CHECK(params.size() == 1, "params: expected [k] for family 0 (Binary), got ",
+                params.size(), " values");
+    TORCH_CHECK(params[0] >= 0.0, "params: expected Binary k >= 0 (inf allowed), got ",
+                params[0]);
+    s.k = params[0];
+  } else {
+    TORCH_CHECK(family == kHardConcrete,
+                "family: expected 0 (Binary) or 1 (HardConcrete), got ", family);
+    TORCH_CHECK(params.size() == 3,
+                "params: expected [beta, gamma, zeta] for family 1 (HardConcrete), got ",
+                params.size(), " values");
+    s.beta = params[0];
+    s.gamma = params[1];
+    s.zeta = params[2];
+    TORCH_CHECK(s.beta > 0.0 && std::isfinite(s.beta) && s.gamma < 0.0 &&
+                    std::isfinite(s.gamma) && s.zeta > 1.0 && std::isfinite(s.zeta),
+                "params: expected HardConcrete beta > 0, gamma < 0, zeta > 1 (finite), got beta=",
+                s.beta, " gamma=", s.gamma, " zeta=", s.zeta);
+  }
+  return s;
+}
+
+int64_t gate_batch(const at::Tensor& z, const at::Tensor& phi, const char* name) {
+  if (z.sizes() == phi.sizes()) return 1;
+  TORCH_CHECK(z.dim() == phi.dim() + 1 && z.sizes().slice(1) == phi.sizes(), name,
+              ": expected phi's shape ", phi.sizes(),
+              " (batch noise) or [B, *phi.shape] (example noise), got ", z.sizes());
+  return z.size(0);
+}
+
+// phi [*S] any layout; out [*S] or [B, *S], contiguous, phi's dtype.
+void sample_gates(const at::Tensor& phi, const at::Tensor& seed, const at::Tensor& offset,
+                  int64_t family, c10::ArrayRef<double> params, bool training,
+                  const at::Tensor& out) {
+  check_phi(phi);
+  const GateSpec spec = parse_gate_spec(family, params);
+  TORCH_CHECK(out.is_cpu() && out.is_contiguous() && out.scalar_type() == phi.scalar_type(),
+              "out: expected a contiguous CPU tensor of dtype ", phi.scalar_type(), ", got ",
+              out.scalar_type(), out.is_contiguous() ? "" : " (non-contiguous)", " on ",
+              out.device());
+  const int64_t batch = gate_batch(out, phi, "out");
+  const uint64_t s = read_u64_scalar(seed, "seed");
+  const uint64_t o = read_u64_scalar(offset, "offset");
+  const int64_t n = phi.numel();
+  if (n == 0 || batch == 0) return;
+  const at::Tensor x = phi.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, phi.scalar_type(), "sample_gates", [&] {
+        const auto g = make_gate<at::opmath_type<scalar_t>>(spec);
+        with_family(spec.family, [&](auto fam) {
+          with_bool(training, [&](auto train) {
+            sample_kernel<scalar_t, decltype(fam)::value, decltype(train)::value>(
+                x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, batch * n, s,
+                o, g);
+          });
+        });
+      });
+}
+
+// grad_z [*S] or [B, *S] any layout -> grad_phi [*S] contiguous, phi's dtype.
+void sample_gates_backward(const at::Tensor& grad_z, const at::Tensor& phi,
+                           const at::Tensor& seed, const at::Tensor& offset, int64_t family,
+                           c10::ArrayRef<double> params, bool training,
+                           const at::Tensor& grad_phi) {
+  check_phi(phi);
+  const GateSpec spec = parse_gate_spec(family, params);
+  check_output(grad_phi, phi, "grad_phi");
+  TORCH_CHECK(grad_z.is_cpu() && grad_z.scalar_type() == phi.scalar_type(),
+              "grad_z: expected a CPU tensor of dtype ", phi.scalar_type(), ", got ",
+              grad_z.scalar_type(), " on ", grad_z.device());
+  const int64_t batch = gate_batch(grad_z, phi, "grad_z");
+  const uint64_t s = read_u64_scalar(seed, "seed");
+  const uint64_t o = read_u64_scalar(offset, "offset");
+  const int64_t n = phi.numel();
+  if (n == 0) return;
+  if (spec.family == kBinary || batch == 0) {  // Binary gates have no pathwise gradient
+    grad_phi.zero_();
+    return;
+  }
+  const at::Tensor gz = grad_z.contiguous();
+  const at::Tensor x = phi.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, phi.scalar_type(), "sample_gates_backward", [&] {
+        const auto g = make_gate<at::opmath_type<scalar_t>>(spec);
+        with_bool(training, [&](auto train) {
+          sample_backward_kernel<scalar_t, decltype(train)::value>(
+              gz.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+              grad_phi.mutable_data_ptr<scalar_t>(), n, batch, s, o, g);
+        });
+      });
+}
+
+namespace {
+
+// weight: None or phi-shaped, phi's dtype, CPU; returned contiguous (undefined for None).
+at::Tensor checked_weight(const std::optional<at::Tensor>& weight, const at::Tensor& phi) {
+  if (!weight.has_value() || !weight->defined()) return at::Tensor();
+  const at::Tensor& w = *weight;
+  TORCH_CHECK(w.is_cpu() && w.scalar_type() == phi.scalar_type() && w.sizes() == phi.sizes(),
+              "weight: expected None or a CPU tensor of dtype ", phi.scalar_type(),
+              " and shape ", phi.sizes(), ", got ", w.scalar_type(), " ", w.sizes(), " on ",
+              w.device());
+  return w.contiguous();
+}
+
+template <typename T>
+PenaltyCoef<T> make_coef(double group_size, double l0, double weight_decay) {
+  return PenaltyCoef<T>{static_cast<T>(l0 * group_size), static_cast<T>(weight_decay / 2)};
+}
+
+}  // namespace
+
+// phi [*S], weight None or [*S] -> 0-dim float32 (float64 for float64 phi).
+at::Tensor l0_penalty(const at::Tensor& phi, const std::optional<at::Tensor>& weight,
+                      int64_t family, c10::ArrayRef<double> params, double group_size, double l0,
+                      double weight_decay, bool sumsq) {
+  check_phi(phi);
+  const GateSpec spec = parse_gate_spec(family, params);
+  const at::Tensor w = checked_weight(weight, phi);
+  const at::ScalarType acc_type =
+      phi.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({}, phi.options().dtype(acc_type));
+  const at::Tensor x = phi.contiguous();
+  const int64_t n = x.numel();
+  double total = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, phi.scalar_type(), "l0_penalty", [&] {
+        using T = at::opmath_type<scalar_t>;
+        const auto g = make_gate<T>(spec);
+        const auto c = make_coef<T>(group_size, l0, weight_decay);
+        const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+        with_family(spec.family, [&](auto fam) {
+          with_weight_kind(w.defined(), sumsq, [&](auto kind) {
+            total = penalty_kernel<scalar_t, decltype(fam)::value, decltype(kind)::value>(
+                x.const_data_ptr<scalar_t>(), wp, n, g, c);
+          });
+        });
+      });
+  out.fill_(total);
+  return out;
+}
+
+void l0_penalty_backward(const at::Tensor& grad, const at::Tensor& phi,
+                         const std::optional<at::Tensor>& weight, int64_t family,
+                         c10::ArrayRef<double> params, double group_size, double l0,
+                         double weight_decay, bool sumsq, const at::Tensor& grad_phi,
+                         const std::optional<at::Tensor>& grad_weight) {
+  check_phi(phi);
+  const GateSpec spec = parse_gate_spec(family, params);
+  const at::Tensor w = checked_weight(weight, phi);
+  check_output(grad_phi, phi, "grad_phi");
+  TORCH_CHECK(grad.is_cpu() && grad.numel() == 1 && at::isFloatingType(grad.scalar_type()),
+              "grad: expected a one-element floating-point CPU tensor, got ", grad.scalar_type(),
+              " ", grad.sizes(), " on ", grad.device());
+  const bool has_gw = grad_weight.has_value() && grad_weight->defined();
+  if (has_gw) {
+    TORCH_CHECK(w.defined(), "grad_weight: expected None when weight is None");
+    check_output(*grad_weight, phi, "grad_weight");
+  }
+  const int64_t n = phi.numel();
+  if (n == 0) return;
+  const at::Tensor x = phi.contiguous();
+  const double gv = grad.item<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, phi.scalar_type(), "l0_penalty_backward", [&] {
+        using T = at::opmath_type<scalar_t>;
+        const auto g = make_gate<T>(spec);
+        const auto c = make_coef<T>(group_size, l0, weight_decay);
+        const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+        scalar_t* gwp = has_gw ? grad_weight->mutable_data_ptr<scalar_t>() : nullptr;
+        with_family(spec.family, [&](auto fam) {
+          with_weight_kind(w.defined(), sumsq, [&](auto kind) {
+            penalty_backward_kernel<scalar_t, decltype(fam)::value, decltype(kind)::value>(
+                x.const_data_ptr<scalar_t>(), wp, grad_phi.mutable_data_ptr<scalar_t>(), gwp, n,
+                static_cast<T>(gv), g, c);
+          });
+        });
+      });
+}
+
+}  // namespace npn::cpu

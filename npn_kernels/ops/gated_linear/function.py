@@ -1,0 +1,286 @@
+"""`npn::gated_linear`: the gated linear layer as a custom op with a fake implementation and autograd.
+
+The forward and backward are written once here over the gate kernels of the selected backend
+(`npn_kernels.ops.gates.apply.LayerGates`; pure PyTorch for the reference backend) and the
+vendor GEMM (torch.mm → MKL/oneDNN on the CPU, cuBLAS on CUDA); the oracle they are tested
+against is reference.py under autograd. Nothing here stores noise: the backward regenerates the
+gates from (seed, offset).
+
+Paired mode (ARM, DESIGN 4.3): x is the doubled batch [x; x]; the first half sees z, the second
+half ARM's antithetic z' = 1[u > 1 − pi] from the same u. The backward gives gradients of the
+first half only and spends no work on the second (its rows of dx are zero).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from npn_kernels import backends
+from npn_kernels.gates import BINARY, check_gate
+from npn_kernels.ops.gated_linear import reference
+from npn_kernels.ops.gates.apply import LayerGates, check_tensor, halves
+from npn_kernels.ops.rng import rng_tensors
+
+# Structured binary gates skip closed units by gathering the open ones into a smaller GEMM when
+# fewer than this fraction is open. The gather copies the open columns of x and W (M·k + N·k
+# elements) and the result must be scattered back; measured on 2 cores at M=512, 2048→2048 the
+# gathered GEMM wins from about 80% open down (see bench/NOTES.md, row C3).
+COMPACT_BELOW = 0.8
+
+
+# ---- forward and backward over the gate kernels and the vendor GEMM ---------------------------
+
+
+def _open_units(z: Tensor) -> Tensor | None:
+    """Indices of the nonzero gates when few enough are open to gather them, else None.
+
+    nonzero() sizes its result on the host: one device-to-host sync per call (~10 µs on a GPU).
+    """
+    idx = z.nonzero().view(-1)
+    return idx if idx.numel() < COMPACT_BELOW * z.numel() else None
+
+
+def _kernel_forward_half(g: LayerGates, x, weight, bias, granularity, hard_concrete, antithetic):
+    """(y [M, N], y before the gates for hard-concrete "out" gates or None) for one half."""
+    m, n = x.shape[0], weight.shape[0]
+    if granularity == "weight":
+        return torch.nn.functional.linear(x, g.mul(weight.contiguous().view(1, -1, 1), antithetic).view_as(weight), bias), None
+    if g.example:
+        if granularity == "in":
+            xz = g.mul(x.contiguous().view(m, -1, 1), antithetic).view_as(x)
+            return torch.nn.functional.linear(xz, weight, bias), None
+        y_pre = torch.nn.functional.linear(x, weight, bias)
+        return g.mul(y_pre.view(m, n, 1), antithetic).view(m, n), y_pre if hard_concrete else None
+    z = g.vector(antithetic).to(x.dtype)
+    idx = _open_units(z)
+    if granularity == "in":
+        if idx is None:
+            return torch.nn.functional.linear(x * z, weight, bias), None
+        return torch.nn.functional.linear(x.index_select(1, idx) * z[idx], weight.index_select(1, idx), bias), None
+    if idx is None:
+        y_pre = torch.nn.functional.linear(x, weight, bias)
+        return y_pre * z, y_pre if hard_concrete else None
+    y_pre = x.new_zeros(m, n)
+    y_pre[:, idx] = torch.nn.functional.linear(x, weight.index_select(0, idx), None if bias is None else bias[idx])
+    return y_pre * z, y_pre if hard_concrete else None
+
+
+def _kernel_forward(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired):
+    g = LayerGates(phi, seed, offset, family, params, training, example)
+    hard_concrete = family != BINARY
+    parts = [_kernel_forward_half(g, xh, weight, bias, granularity, hard_concrete, anti) for xh, anti in halves(x, paired)]
+    y = torch.cat([p[0] for p in parts]) if paired else parts[0][0]
+    aux = parts[0][1]  # the second half of a paired batch gets no gradient: its y_pre is not needed
+    return y, aux
+
+
+def _kernel_backward(grad_y, x, weight, bias, phi, seed, offset, aux, family, params, granularity, training, example, paired, needs):
+    """(dx, dW, db, dphi) of the first half (the whole batch unless paired); None where not needed."""
+    need_x, need_w, need_b, want_phi = needs
+    need_phi = want_phi and family != BINARY  # binary gates: no pathwise gradient, a zero d phi
+    m_all = x.shape[0]
+    m = m_all // 2 if paired else m_all
+    dy, x1 = grad_y[:m], x[:m]
+    g = LayerGates(phi, seed, offset, family, params, training, example)
+    dx = dw = dphi = None
+    db = dy.sum(0) if need_b and bias is not None else None
+    if granularity == "weight":
+        w = weight.contiguous().view(1, -1, 1)
+        gw = (dy.t() @ x1).view(1, -1, 1) if (need_w or need_phi) else torch.zeros_like(w)
+        dw, dphi, wz = g.mul_backward(gw, w, need_w, need_phi, need_x)
+        dw = None if dw is None else dw.view_as(weight)
+        dx = None if wz is None else dy @ wz.view_as(weight)
+    elif example:
+        if granularity == "in":
+            dxz = dy @ weight
+            dx, dphi, xz = g.mul_backward(dxz.view(m, -1, 1), x1.contiguous().view(m, -1, 1), need_x, need_phi, need_w)
+            dx = None if dx is None else dx.view_as(x1)
+            dw = None if xz is None else dy.t() @ xz.view_as(x1)
+        else:
+            a = aux if aux is not None else dy  # binary: y_pre is not needed (no d phi)
+            dy_pre, dphi, _ = g.mul_backward(dy.contiguous().view(m, -1, 1), a.contiguous().view(m, -1, 1), True, need_phi, False)
+            dy_pre = dy_pre.view_as(dy)
+            db = dy_pre.sum(0) if need_b and bias is not None else None
+            dx = dy_pre @ weight if need_x else None
+            dw = dy_pre.t() @ x1 if need_w else None
+    else:
+        z = g.vector(False).to(x.dtype)
+        idx = _open_units(z)
+        if granularity == "in":
+            if idx is None:
+                dxz = dy @ weight
+                dx = dxz * z if need_x else None
+                dw = dy.t() @ (x1 * z) if need_w else None
+                dphi = g.vector_backward((dxz * x1).sum(0)) if need_phi else None
+            else:
+                zo, xo = z[idx], x1.index_select(1, idx)
+                dxz = dy @ weight.index_select(1, idx)  # [M, open]
+                if need_x:
+                    dx = x1.new_zeros(x1.shape)
+                    dx[:, idx] = dxz * zo
+                if need_w:
+                    dw = weight.new_zeros(weight.shape)
+                    dw[:, idx] = dy.t() @ (xo * zo)
+                if need_phi:
+                    dphi = g.vector_backward(z.new_zeros(z.shape).index_put_((idx,), (dxz * xo).sum(0)))
+        else:
+            dy_pre = dy * z
+            db = dy_pre.sum(0) if need_b and bias is not None else None
+            if idx is None:
+                dx = dy_pre @ weight if need_x else None
+                dw = dy_pre.t() @ x1 if need_w else None
+            else:
+                dyo = dy_pre.index_select(1, idx)
+                dx = dyo @ weight.index_select(0, idx) if need_x else None
+                if need_w:
+                    dw = weight.new_zeros(weight.shape)
+                    dw[idx] = dyo.t() @ x1
+            dphi = g.vector_backward((dy * aux).sum(0)) if need_phi else None
+    if dx is not None and paired:
+        dx = torch.cat([dx, dx.new_zeros(m_all - m, dx.shape[1])])
+    if want_phi:
+        dphi = torch.zeros_like(phi) if dphi is None else dphi.view_as(phi)
+    return dx, dw, db, dphi
+
+
+# ---- the custom ops ---------------------------------------------------------------------------
+
+
+def _aux_shape(x: Tensor, weight: Tensor, family: int, granularity: str) -> tuple[int, ...]:
+    """y before the gates is kept for hard-concrete "out" gates (d phi needs it), else nothing."""
+    return (x.shape[0], weight.shape[0]) if granularity == "out" and family != BINARY else (0,)
+
+
+@torch.library.custom_op("npn::gated_linear", mutates_args=())
+def gated_linear_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    phi: Tensor,
+    seed: Tensor,
+    offset: Tensor,
+    family: int,
+    params: list[float],
+    granularity: str,
+    training: bool,
+    example: bool,
+    paired: bool,
+) -> tuple[Tensor, Tensor]:
+    """(y [M, N], aux) for x [M, K], weight [N, K], bias [N] or None; aux: see _aux_shape."""
+    y, aux = _kernel_forward(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired)
+    return y, y.new_empty(_aux_shape(x, weight, family, granularity)) if aux is None else aux
+
+
+@gated_linear_op.register_fake
+def _(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(_aux_shape(x, weight, family, granularity))
+
+
+@torch.library.custom_op("npn::gated_linear_backward", mutates_args=())
+def gated_linear_backward_op(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    phi: Tensor,
+    seed: Tensor,
+    offset: Tensor,
+    aux: Tensor,
+    family: int,
+    params: list[float],
+    granularity: str,
+    training: bool,
+    example: bool,
+    paired: bool,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dW, db, dphi); an input that needs no gradient gets an empty [0] tensor."""
+    grads = _kernel_backward(grad_y.contiguous(), x, weight, bias, phi, seed, offset, aux if aux.dim() == 2 else None,
+                             family, params, granularity, training, example, paired, needs)  # fmt: skip
+    return tuple(t.new_empty(0) if g is None else g for t, g in zip((x, weight, phi, phi), grads))
+
+
+@gated_linear_backward_op.register_fake
+def _(grad_y, x, weight, bias, phi, seed, offset, aux, family, params, granularity, training, example, paired, needs):
+    shapes = (x.shape, weight.shape, (weight.shape[0],) if bias is not None else (0,), phi.shape)
+    return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, phi, seed, offset, *rest = inputs
+    ctx.save_for_backward(x, weight, bias, phi, seed, offset, output[1])
+    ctx.rest = rest
+    ctx.backend = backends.select(x.device)
+
+
+def _backward(ctx, grad_y, _grad_aux):
+    x, weight, bias, phi, seed, offset, aux = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:4]]
+    if grad_y is None or not any(needs):
+        return (None,) * 12
+    with backends.use(ctx.backend):  # the forward's backend, even outside its `use` block
+        dx, dw, db, dphi = gated_linear_backward_op(grad_y, x, weight, bias, phi, seed, offset, aux, *ctx.rest, needs)
+    return tuple(g if need else None for g, need in zip((dx, dw, db, dphi), needs)) + (None,) * 8
+
+
+gated_linear_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ---- public function --------------------------------------------------------------------------
+
+
+def gated_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    phi: Tensor,
+    gate,
+    granularity: str,
+    *,
+    seed,
+    offset,
+    training: bool = True,
+    noise: str = "batch",
+    paired: bool = False,
+) -> Tensor:
+    """A linear layer whose weights, inputs or outputs are gated (DESIGN 2): y [..., N].
+
+    x [..., K]; weight [N, K]; bias [N] or None; phi: [N, K] ("weight"), [K] ("in") or [N]
+    ("out"), any float dtype. The gates are exactly those `npn.ops.sample_gates` draws for the
+    same (seed, offset): batch noise draws phi.numel() noise elements, example noise ("in"/"out"
+    only) one per row of x and unit, row-major [rows, units]. paired (Binary gates in training):
+    x's rows are a doubled batch [x; x]; the second half uses ARM's antithetic gates from the same
+    noise and gets no gradient. Gradients flow to x, weight, bias and (hard-concrete) phi.
+    """
+    x = check_tensor("x", x)
+    weight = check_tensor("weight", weight, x.dtype, x.device)
+    if bias is not None:
+        bias = check_tensor("bias", bias, x.dtype, x.device)
+    phi = check_tensor("phi", phi, device=x.device)
+    gate = check_gate(gate)
+    if granularity not in reference.GRANULARITIES:
+        raise ValueError(f"granularity: expected one of {', '.join(reference.GRANULARITIES)}, got {granularity!r}")
+    if noise not in ("batch", "example"):
+        raise ValueError(f"noise: expected 'batch' or 'example', got {noise!r}")
+    if noise == "example" and granularity == "weight":
+        raise ValueError("noise: 'example' needs granularity 'in' or 'out' (one gate per example and unit)")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected a 2-D tensor [out_features, in_features], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x: expected shape [..., {k}] (in_features of weight), got {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias: expected shape ({n},), got {tuple(bias.shape)}")
+    expected = reference.phi_shape(granularity, n, k)
+    if tuple(phi.shape) != expected:
+        raise ValueError(f"phi: expected shape {expected} for granularity {granularity!r}, got {tuple(phi.shape)}")
+    x2 = x.reshape(-1, k)
+    if paired and (gate.family != BINARY or not training or x2.shape[0] % 2):
+        raise ValueError("paired: needs Binary gates in training and an even number of rows (the doubled batch)")
+    seed_t, offset_t = rng_tensors(seed, offset, x.device)
+    y, _ = gated_linear_op(x2, weight, bias, phi, seed_t, offset_t, gate.family, list(gate.params), granularity,
+                           bool(training), noise == "example", bool(paired))  # fmt: skip
+    return y.view(*x.shape[:-1], n)

@@ -1,0 +1,227 @@
+"""npn.ops.gated_linear: every backend against the oracle composition with the stream's gates."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import npn_kernels as npn
+from npn_kernels.ops.gated_linear import function as gated_linear_function
+from npn_kernels.ops.gated_linear import reference
+from npn_kernels.ops.gates import reference as gates_reference
+from npn_kernels.ops.rng import rng_tensors
+from npn_kernels.ops.uniforms import reference as uniforms_reference
+from tests.helpers import TOL, backend_params
+
+BACKENDS = backend_params("reference", "cpu", "triton")
+GATES = {"binary": npn.Binary(5.0), "binary_inf": npn.Binary(float("inf")), "hc": npn.HardConcrete()}
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+
+def _rng():
+    return int(torch.randint(0, 2**62, ()).item()), int(torch.randint(0, 2**40, ()).item())
+
+
+def _oracle(x, weight, bias, phi, gate, granularity, seed, offset, training, noise, paired):
+    """y and the gradients (first half when paired) from the composition and autograd."""
+    m = x.shape[0] // 2 if paired else x.shape[0]
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, weight, bias, phi)]
+    xl, wl, bl, pl = leaves
+    example = noise == "example"
+    shape = (m, *phi.shape) if example else tuple(phi.shape)
+    u = uniforms_reference.uniforms(math.prod(shape), seed, offset).view(shape) if training else None
+    batch = m if example else None
+    z = gates_reference.gates(pl, gate, u, training, batch)
+    if isinstance(gate, npn.Binary):
+        z = z.detach()  # binary gates carry no pathwise gradient (ARM comes from the objective)
+    y1 = reference.gated_linear(xl[:m], wl, bl, z, granularity)
+    y = y1
+    if paired:
+        z2 = gates_reference.gates(pl, gate, u, training, batch, antithetic=True)
+        y = torch.cat([y1, reference.gated_linear(xl[m:], wl, bl, z2, granularity)])
+    return y.detach(), y1, leaves
+
+
+def _inputs(m, k, n, granularity, dtype, closed=0.3, bias=True):
+    x = torch.randn(m, k, dtype=dtype)
+    weight = torch.randn(n, k, dtype=dtype) / math.sqrt(k)
+    b = torch.randn(n, dtype=dtype) if bias else None
+    phi = torch.randn(reference.phi_shape(granularity, n, k), dtype=dtype)
+    # a fraction of units firmly closed for every family (binary pi ~ 0, hard-concrete z = 0)
+    phi = torch.where(torch.rand(phi.shape) < closed, torch.full_like(phi, -12.0), phi)
+    return x, weight, b, phi
+
+
+def _check(backend, x, weight, bias, phi, gate, granularity, *, training=True, noise="batch", paired=False, dtype=None):
+    seed, offset = _rng()
+    dtype = dtype or x.dtype
+    y_ref, y1, leaves = _oracle(x, weight, bias, phi, gate, granularity, seed, offset, training, noise, paired)
+    args = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, weight, bias, phi)]
+    with npn.backends.use(backend):
+        y = npn.ops.gated_linear(*args, gate, granularity, seed=seed, offset=offset, training=training, noise=noise, paired=paired)
+        rtol, atol = TOL[dtype]
+        torch.testing.assert_close(y, y_ref, rtol=rtol * 10, atol=atol * 10)
+        dy = torch.randn_like(y)
+        m = y1.shape[0]
+        y.backward(dy)
+    y1.backward(dy[:m])
+    for name, got, want in zip(("x", "weight", "bias", "phi"), args, leaves):
+        if got is None:
+            continue
+        expected = want.grad if want.grad is not None else torch.zeros_like(want)
+        if name == "x" and paired:
+            assert torch.count_nonzero(got.grad[m:]) == 0, "the second half of a paired batch gets no gradient"
+        torch.testing.assert_close(got.grad, expected, rtol=rtol * 10, atol=atol * 10, msg=lambda s: f"d{name}: {s}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate_name", list(GATES))
+@pytest.mark.parametrize("granularity", reference.GRANULARITIES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("m", [1, 7, 129])
+def test_matches_oracle(backend, gate_name, granularity, training, m):
+    x, weight, bias, phi = _inputs(m, 19, 13, granularity, torch.float32)
+    _check(backend, x, weight, bias, phi, GATES[gate_name], granularity, training=training)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate_name", ["binary", "hc"])
+@pytest.mark.parametrize("granularity", ["in", "out"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_example_noise(backend, gate_name, granularity, training):
+    x, weight, bias, phi = _inputs(6, 21, 11, granularity, torch.float32)
+    _check(backend, x, weight, bias, phi, GATES[gate_name], granularity, training=training, noise="example")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("granularity", reference.GRANULARITIES)
+@pytest.mark.parametrize("noise", ["batch", "example"])
+def test_paired_matches_two_reference_passes(backend, granularity, noise):
+    if noise == "example" and granularity == "weight":
+        pytest.skip("example noise needs in/out gates")
+    x, weight, bias, phi = _inputs(5, 17, 9, granularity, torch.float32)
+    x = torch.cat([x, x])  # the doubled batch of the ARM objective
+    _check(backend, x, weight, bias, phi, npn.Binary(3.0), granularity, noise=noise, paired=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate_name", ["binary", "hc"])
+@pytest.mark.parametrize("granularity", ["in", "out"])
+def test_mostly_closed_units_are_skipped_exactly(backend, gate_name, granularity):
+    """90% closed: the gathered (compacted) GEMM path, with exact zero gradients of closed units."""
+    x, weight, bias, phi = _inputs(33, 40, 30, granularity, torch.float32, closed=0.9)
+    _check(backend, x, weight, bias, phi, GATES[gate_name], granularity)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("granularity", reference.GRANULARITIES)
+def test_three_dim_and_non_contiguous_x(backend, granularity):
+    seed, offset = _rng()
+    weight = torch.randn(10, 15)
+    phi = torch.randn(reference.phi_shape(granularity, 10, 15))
+    x3 = torch.randn(15, 4, 3).permute(1, 2, 0)  # [4, 3, 15], not contiguous
+    with npn.backends.use(backend):
+        y = npn.ops.gated_linear(x3, weight, None, phi, npn.HardConcrete(), granularity, seed=seed, offset=offset)
+        y2 = npn.ops.gated_linear(x3.reshape(12, 15), weight, None, phi, npn.HardConcrete(), granularity, seed=seed, offset=offset)
+    assert y.shape == (4, 3, 10)
+    torch.testing.assert_close(y.reshape(12, 10), y2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("granularity", reference.GRANULARITIES)
+def test_dtypes(backend, dtype, granularity):
+    x, weight, bias, phi = _inputs(7, 19, 13, granularity, dtype)
+    _check(backend, x, weight, bias, phi, npn.HardConcrete(), granularity, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_bias_and_empty_batch(backend):
+    x, weight, _, phi = _inputs(0, 9, 5, "in", torch.float32)
+    x.requires_grad_(True)
+    with npn.backends.use(backend):
+        y = npn.ops.gated_linear(x, weight, None, phi, npn.Binary(), "in", seed=1, offset=0)
+        assert y.shape == (0, 5)
+        y.sum().backward()
+    assert x.grad.shape == (0, 9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_gates_as_sample_gates(backend):
+    """weight gates: y equals x (W ⊙ sample_gates(phi))ᵀ for the same (seed, offset)."""
+    x, weight, bias, phi = _inputs(4, 12, 6, "weight", torch.float64)
+    seed, offset = _rng()
+    with npn.backends.use(backend):
+        z = npn.ops.sample_gates(phi, npn.HardConcrete(), seed=seed, offset=offset)
+        y = npn.ops.gated_linear(x, weight, bias, phi, npn.HardConcrete(), "weight", seed=seed, offset=offset)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, weight * z, bias))
+
+
+def test_opcheck():
+    x, weight, bias, phi = _inputs(4, 7, 5, "out", torch.float32)
+    seed, offset = rng_tensors(3, 9, "cpu")
+    for family, params in ((0, [2.0]), (1, [2 / 3, -0.1, 1.1])):
+        args = (x.requires_grad_(), weight.requires_grad_(), bias, phi.requires_grad_(), seed, offset, family, params, "out", True, False, False)
+        torch.library.opcheck(torch.ops.npn.gated_linear.default, args)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        ({"x": torch.randn(3, 8)}, ValueError, r"x: expected shape \[\.\.\., 7\]"),
+        ({"phi": torch.randn(6)}, ValueError, r"phi: expected shape \(7,\) for granularity 'in'"),
+        ({"weight": torch.randn(5, 7, dtype=torch.float64)}, TypeError, "weight: expected dtype torch.float32"),
+        ({"bias": torch.randn(4)}, ValueError, r"bias: expected shape \(5,\)"),
+        ({"x": torch.ones(3, 7, dtype=torch.int64)}, TypeError, "x: expected a float16"),
+        ({"granularity": "rows"}, ValueError, "granularity: expected one of weight, in, out"),
+        ({"noise": "sample"}, ValueError, "noise: expected 'batch' or 'example'"),
+        ({"gate": 7.0}, TypeError, "gate: expected npn.Binary"),
+        ({"paired": True, "x": torch.randn(3, 7)}, ValueError, "paired: needs Binary gates in training and an even"),
+    ],
+)
+def test_bad_input(change, error, match):
+    kwargs = dict(x=torch.randn(3, 7), weight=torch.randn(5, 7), bias=torch.randn(5), phi=torch.randn(7),
+                  gate=npn.Binary(), granularity="in", seed=0, offset=0)  # fmt: skip
+    kwargs.update(change)
+    before = {k: v.clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(error, match=match):
+        npn.ops.gated_linear(**kwargs)
+    for k, v in before.items():
+        assert torch.equal(kwargs[k], v), f"{k} was modified"
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu", "triton"))
+@pytest.mark.parametrize("granularity", ["in", "out"])
+def test_gathered_and_dense_paths_agree(backend, granularity, monkeypatch):
+    """The same call with compaction forced on (every open fraction gathers) and off."""
+    x, weight, bias, phi = _inputs(9, 24, 17, granularity, torch.float64, closed=0.5)
+    results = []
+    for threshold in (1.01, 0.0):
+        monkeypatch.setattr(gated_linear_function, "COMPACT_BELOW", threshold)
+        args = [t.clone().requires_grad_(True) for t in (x, weight, bias, phi)]
+        with npn.backends.use(backend):
+            y = npn.ops.gated_linear(*args, npn.HardConcrete(), granularity, seed=5, offset=2)
+            y.backward(torch.ones_like(y))
+        results.append([y.detach()] + [a.grad for a in args])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.ext
+def test_backward_runs_on_the_forwards_backend(monkeypatch):
+    """A forward inside `use("reference")` and its backward outside it: the backward stays on reference."""
+    from npn_kernels.ops.gates import function as gates_function
+
+    calls = []
+    original = gates_function._Reference.sample_gates_backward
+    monkeypatch.setattr(gates_function._Reference, "sample_gates_backward",
+                        staticmethod(lambda *args: calls.append(1) or original(*args)))  # fmt: skip
+    x, weight, bias, phi = _inputs(4, 9, 5, "in", torch.float32, closed=0.0)
+    phi.requires_grad_(True)
+    with npn.backends.use("reference"):
+        y = npn.ops.gated_linear(x, weight, bias, phi, npn.HardConcrete(), "in", seed=1, offset=0)
+    assert npn.backends.select("cpu") == "cpu"
+    y.sum().backward()
+    assert calls and phi.grad is not None

@@ -1,0 +1,249 @@
+"""npn.objective: ARM in one paired pass (or two with BatchNorm), hard-concrete, k = 0 and k = inf."""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import npn_kernels as npn
+from npn_kernels.ops.gated_linear import reference as linear_reference
+from npn_kernels.ops.gates import reference as gates_reference
+from tests.helpers import assert_close, backend_params
+
+INF = float("inf")
+
+
+def _loss(out, target):
+    return (torch.tanh(out) - target).square().mean()
+
+
+def _tiny(k, noise="batch"):
+    """GatedLinear 3 -> 1 with "in" gates and fixed weights."""
+    m = npn.GatedLinear(3, 1, gate=npn.Binary(k), noise=noise)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([[1.5, -2.0, 0.7]]))
+        m.bias.fill_(0.3)
+        m.phi.copy_(torch.tensor([0.2, -0.15, 0.05]))
+    return m
+
+
+def _exact_grad(m, x, target, rows_gated):
+    """d E[f(z)] / d phi by enumerating every gate vector (one per row when rows_gated)."""
+    phi = m.phi.detach().clone().requires_grad_()
+    pi = torch.sigmoid(m.gate.k * phi)
+    n = x.shape[0] if rows_gated else 1
+    expectation = 0
+    for bits in itertools.product([0.0, 1.0], repeat=3 * n):
+        z = torch.tensor(bits).view(n, 3)
+        prob = torch.where(z > 0, pi, 1 - pi).prod()
+        y = F.linear(x * z, m.weight.detach(), m.bias.detach())
+        expectation = expectation + prob * _loss(y, target)
+    return torch.autograd.grad(expectation, phi)[0]
+
+
+# (the two-pass path computes the same estimator: test_value_weights_and_arm_gradient checks it exactly)
+@pytest.mark.parametrize("noise, rows, steps", [("batch", 2, 1000), ("example", 2, 800)], ids=["batch", "example"])
+def test_arm_is_unbiased(noise, rows, steps):
+    m = _tiny(2.0, noise)
+    x = torch.tensor([[1.0, 0.5, -1.0], [0.3, -0.8, 2.0]])[:rows]
+    target = torch.tensor([[0.2], [-0.4]])[:rows]
+    exact = _exact_grad(m, x, target, noise == "example")
+    grads = torch.empty(steps, 3)
+    for i in range(steps):
+        m.phi.grad = None
+        npn.objective(m, _loss, x, target).backward()
+        grads[i] = m.phi.grad
+    mean, se = grads.mean(0), grads.std(0) / math.sqrt(steps)
+    assert ((mean - exact).abs() <= 5 * se + 1e-6).all(), (mean, exact, se)
+    assert int(m.offset) == steps * npn.ops.counters_for(3 * (rows if noise == "example" else 1))
+
+
+K7 = npn.Binary(7.0)
+
+
+def _mlp(gate=K7, l0=0.05, batchnorm=False):
+    layers = [npn.GatedLinear(6, 5, gate=gate, l0=l0, weight_decay=0.01)]
+    layers += [nn.BatchNorm1d(5)] if batchnorm else []
+    layers += [nn.ReLU(), npn.GatedLinear(5, 3, gate=gate, granularity="out", l0=l0)]
+    return nn.Sequential(*layers)
+
+
+def _manual_arm(model, x, target):
+    """(f(z), f(z'), [u per gated layer]) of the next step, from the stream and the composition."""
+    gated = [m for m in model if isinstance(m, npn.nn.GatedModule)]
+    us = [npn.ops.uniforms(m.phi.numel(), seed=m.seed, offset=m.offset).view(m.phi.shape) for m in gated]
+
+    def run(antithetic):
+        h = x
+        for layer in model:
+            if isinstance(layer, npn.nn.GatedModule):
+                u = us[gated.index(layer)]
+                pi = torch.sigmoid(layer.gate.k * layer.phi.detach())
+                z = (u > 1 - pi) if antithetic else (u < pi)
+                h = linear_reference.gated_linear(h, layer.weight.detach(), layer.bias.detach(), z.float(), layer.granularity)
+            else:
+                h = layer(h)
+        return F.cross_entropy(h, target)
+
+    with torch.no_grad():
+        return run(False), run(True), us
+
+
+@pytest.mark.parametrize("batchnorm", [False, True], ids=["paired", "batchnorm"])
+def test_value_weights_and_arm_gradient(batchnorm):
+    model = _mlp(batchnorm=batchnorm)
+    plain = copy.deepcopy(model)
+    x, target = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    f, f2, us = _manual_arm(copy.deepcopy(model), x, target)
+
+    loss = npn.objective(model, F.cross_entropy, x, target)
+    reference_loss = F.cross_entropy(plain(x), target) + npn.penalty(plain)
+    assert_close(loss.detach(), reference_loss.detach())
+    assert_close(loss.detach(), f + npn.penalty(plain).detach())
+    loss.backward()
+    reference_loss.backward()
+    # the weights get the first half's (a plain forward's) gradient; the state advances as a plain forward's
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        if not name.endswith("phi"):
+            assert_close(p.grad, q.grad)
+    for a, b in zip(model.buffers(), plain.buffers()):
+        assert torch.equal(a, b)
+    # phi: ARM's k·(f(z') − f(z))·(u − 1/2) plus the penalty's gradient
+    gated = [(m, p) for m, p in zip(model, plain) if isinstance(m, npn.nn.GatedModule)]
+    for (m, p), u in zip(gated, us):
+        assert_close(m.phi.grad, 7.0 * (f2 - f) * (u - 0.5) + p.phi.grad)
+
+
+def test_average_gives_mean_of_both_passes():
+    model = _mlp(l0=0.0)
+    x, target = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    f, f2, _ = _manual_arm(copy.deepcopy(model), x, target)
+    loss = npn.objective(model, F.cross_entropy, x, target, average=True)
+    assert_close(loss.detach(), (f + f2) / 2 + npn.penalty(model).detach())
+
+
+@pytest.mark.parametrize("granularity", ["weight", "in", "out"])
+def test_hard_concrete_pathwise_gradients(granularity):
+    gate = npn.HardConcrete()
+    m = npn.GatedLinear(6, 4, gate=gate, granularity=granularity, l0=0.1, weight_decay=0.01)
+    with torch.no_grad():
+        m.phi.normal_(0.0, 1.0)
+    x, target = torch.randn(5, 6), torch.randn(5, 4)
+    leaves = [t.detach().clone().requires_grad_() for t in (m.weight, m.bias, m.phi)]
+    w, b, phi = leaves
+    u = npn.ops.uniforms(phi.numel(), seed=m.seed, offset=0).view(phi.shape)
+    z = gates_reference.gates(phi, gate, u, True)
+    expected = _loss(linear_reference.gated_linear(x, w, b, z, granularity), target)
+    view = phi.view({"weight": (4, 6), "in": (1, 6), "out": (4, 1)}[granularity])
+    expected = expected + npn.ops.l0_penalty(view, gate, group_size=24 / phi.numel(), weight=w, l0=0.1, weight_decay=0.01)
+    expected = expected + 0.005 * b.square().sum()
+    expected.backward()
+    loss = npn.objective(m, _loss, x, target)
+    loss.backward()
+    assert_close(loss.detach(), expected.detach())
+    for p, leaf in zip((m.weight, m.bias, m.phi), leaves):
+        assert_close(p.grad, leaf.grad)
+
+
+def test_k_zero_is_dropout_and_leaves_phi_alone():
+    m = npn.GatedLinear(8, 4, gate=npn.Binary(0.0), l0=0.3)
+    x, target = torch.randn(16, 8), torch.randn(16, 4)
+    u = npn.ops.uniforms(8, seed=m.seed, offset=0)
+    expected = _loss(F.linear(x * (u < 0.5).float(), m.weight, m.bias), target) + 0.3 * 4 * 8 * 0.5
+    loss = npn.objective(m, _loss, x, target)
+    assert_close(loss.detach(), expected.detach())
+    loss.backward()
+    assert torch.equal(m.phi.grad, torch.zeros(8))
+
+
+def test_k_inf_is_deterministic_without_nan():
+    m = _mlp(gate=npn.Binary(INF))
+    with torch.no_grad():
+        m[0].phi.copy_(torch.tensor([1e4, -1e4, 0.0, 1e-3, -1e-3, 3 / 7]))
+    x, target = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    values = []
+    for _ in range(3):
+        m.zero_grad()
+        loss = npn.objective(m, F.cross_entropy, x, target)
+        loss.backward()
+        values.append(loss.detach())
+        for p in m.parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all()
+        assert torch.equal(m[0].phi.grad, torch.zeros(6))
+    assert values[0] == values[1] == values[2] and torch.isfinite(values[0])
+
+
+def _train(model, optimizer, batches):
+    for x, target in batches:
+        optimizer.zero_grad()
+        npn.objective(model, F.cross_entropy, x, target).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
+def test_resume_from_checkpoint_is_bit_exact(backend):
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(6)]
+
+    def fresh():
+        model = nn.Sequential(_mlp(), npn.GatedLinear(3, 3, gate=npn.HardConcrete(), l0=0.01))
+        return model, torch.optim.Adam(model.parameters(), lr=0.05)
+
+    with npn.backends.use(backend):
+        torch.manual_seed(1)
+        model, optimizer = fresh()
+        start = copy.deepcopy(model.state_dict())
+        _train(model, optimizer, batches)
+
+        torch.manual_seed(1)
+        first, first_opt = fresh()
+        _train(first, first_opt, batches[:3])
+        buf = io.BytesIO()
+        torch.save({"model": first.state_dict(), "optimizer": first_opt.state_dict()}, buf)
+        buf.seek(0)
+        torch.manual_seed(2)  # a different seed: everything must come from the checkpoint
+        resumed, resumed_opt = fresh()
+        checkpoint = torch.load(buf, weights_only=True)
+        resumed.load_state_dict(checkpoint["model"])
+        resumed_opt.load_state_dict(checkpoint["optimizer"])
+        _train(resumed, resumed_opt, batches[3:])
+
+    for name, value in resumed.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name
+    assert not torch.equal(start["0.0.phi"], model.state_dict()["0.0.phi"])
+
+
+def test_bad_loss():
+    with pytest.raises(ValueError, match="loss_fn"):
+        npn.objective(_mlp(), lambda out, t: out, torch.randn(4, 6), None)
+
+
+def _net(kind, granularity, noise):
+    if kind == "linear":
+        return nn.Sequential(npn.GatedLinear(6, 5, granularity=granularity, noise=noise), nn.Tanh(), nn.Linear(5, 3))
+    return nn.Sequential(
+        npn.GatedConv2d(2, 4, 3, padding=1, groups=2, granularity=granularity, noise=noise),
+        nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("granularity, noise", [("weight", "batch"), ("in", "batch"), ("out", "batch"), ("in", "example"), ("out", "example")])
+def test_replayed_antithetic_pass_matches_paired_op(kind, granularity, noise):
+    """The two-pass path rebuilds z' by the torch composition; the paired op draws it in the kernel:
+    both must give the same f(z'), hence the same ARM gradient."""
+    paired = _net(kind, granularity, noise)
+    two_pass = copy.deepcopy(paired)
+    x = torch.randn(4, 6) if kind == "linear" else torch.randn(4, 2, 4, 4)
+    target = torch.randint(0, 3, (4,))
+    npn.objective(paired, F.cross_entropy, x, target).backward()
+    npn.objective(two_pass, F.cross_entropy, x, target, average=True).backward()
+    assert_close(two_pass[0].phi.grad, paired[0].phi.grad)
+    assert torch.equal(two_pass[0].offset, paired[0].offset)
