@@ -14,6 +14,8 @@ TORCH_LIBRARY_IMPL(npn_ext, CPU, m) {
   m.impl("sample_gates_backward", &npn::cpu::sample_gates_backward);
   m.impl("l0_penalty", &npn::cpu::l0_penalty);
   m.impl("l0_penalty_backward", &npn::cpu::l0_penalty_backward);
+  m.impl("gate_mul", &npn::cpu::gate_mul);
+  m.impl("gate_mul_backward", &npn::cpu::gate_mul_backward);
 }
 
 // Scalar-only ops carry no tensor to dispatch on.
@@ -29,5 +31,7 @@ TORCH_LIBRARY_IMPL(npn_ext, CUDA, m) {
   m.impl("sample_gates_backward", &npn::cuda::sample_gates_backward);
   m.impl("l0_penalty", &npn::cuda::l0_penalty);
   m.impl("l0_penalty_backward", &npn::cuda::l0_penalty_backward);
+  m.impl("gate_mul", &npn::cuda::gate_mul);
+  m.impl("gate_mul_backward", &npn::cuda::gate_mul_backward);
 }
 #endif

@@ -6,6 +6,7 @@ Importing never fails because the C++ extension or triton is missing; see
 
 from npn_kernels import backends, ops
 from npn_kernels._version import __version__
+from npn_kernels.tools import export, fold, summary
 from npn_kernels.gates import Binary, HardConcrete
 from npn_kernels.nn import GatedConv2d, GatedLinear, convert, penalty
 from npn_kernels.training import BudgetController, Expander, PlasticitySchedule, objective, set_k
@@ -21,8 +22,11 @@ __all__ = [
     "__version__",
     "backends",
     "convert",
+    "export",
+    "fold",
     "objective",
     "ops",
     "penalty",
     "set_k",
+    "summary",
 ]

@@ -31,6 +31,17 @@ _LIB.define(
     "float group_size, float l0, float weight_decay, bool sumsq, Tensor(a!) grad_phi, "
     "Tensor(b!)? grad_weight) -> ()"
 )
+# Gate application: a [R, P, C] times the gate of (r, p), noise element r·P + p (example) or p;
+# a's dtype may differ from phi's [P]. out may be a. Backward outputs are optional.
+_LIB.define(
+    "gate_mul(Tensor a, Tensor phi, Tensor seed, Tensor offset, int family, float[] params, bool training, "
+    "bool example, bool antithetic, Tensor(a!) out) -> ()"
+)
+_LIB.define(
+    "gate_mul_backward(Tensor grad, Tensor a, Tensor phi, Tensor seed, Tensor offset, int family, "
+    "float[] params, bool training, bool example, Tensor(a!)? grad_a, Tensor(b!)? grad_phi, "
+    "Tensor(c!)? a_gated) -> ()"
+)
 _LIB.define("build_info() -> str")
 _LIB.define("parallel_threads(int n) -> int")
 

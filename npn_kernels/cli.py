@@ -1,4 +1,4 @@
-"""The `npn` console script: `npn info` and `npn bench`."""
+"""The `npn` console script: `npn info`, `npn demo` and `npn bench`."""
 
 from __future__ import annotations
 
@@ -63,12 +63,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="npn", description="npn_kernels: NPN and L0 gates for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, backends (and why one is missing), threads")
+    demo = sub.add_parser("demo", help="NPN sparsifies a 100-80 MLP and expands a 3-3 one on two moons; plots (PNG)")
+    demo.add_argument("--out", type=Path, default=Path("npn-demo"), help="folder for the PNGs (default ./npn-demo)")
+    demo.add_argument("--epochs", type=int, default=60, help="epochs per run, all three stages (default 60)")
+    demo.add_argument("--seed", type=int, default=0, help="data, weights and gate noise (default 0)")
+    demo.add_argument("--backend", choices=backends.NAMES, default=None, help="npn backend (default automatic)")
     sub.add_parser("bench", help="kernel benchmarks: ratios side by side (see npn bench --help)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return _bench(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "demo":
+        from npn_kernels.demo import run  # imports matplotlib: only when asked
+
+        run(out=args.out, epochs=args.epochs, seed=args.seed, backend=args.backend)
+        return 0
     print("\n".join(info_lines()))
     return 0
 

@@ -1,9 +1,6 @@
 // CPU kernels of gate sampling and the L0 penalty (DESIGN 2.1, 2.2, 4.2): the formulas are in
-// npn/gates.h, the noise in npn/philox.h. Noise is never stored: backward regenerates it.
-//
-// Work is cut into blocks of 64 elements (16 Philox counters). Within a block every loop runs
-// over arrays with no calls and no loop-variant branches, so gcc vectorizes the Philox rounds
-// (across the 16 counters), the word -> float conversion and the gate formulas.
+// npn/gates.h, the noise in npn/philox.h, the 64-element blocks in blocks.h. Noise is never
+// stored: backward regenerates it.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -16,78 +13,17 @@
 #include <functional>
 #include <type_traits>
 
+#include "blocks.h"
 #include "npn/gates.h"
-#include "npn/philox.h"
 #include "npn_cpu.h"
 
 namespace npn::cpu {
 
 namespace {
 
-constexpr int64_t kCounters = 16;          // Philox counters per block
-constexpr int64_t kBlock = 4 * kCounters;  // elements per block
-// Grain sizes in blocks, so that tensors below them run inline on the calling thread: an
-// OpenMP region costs ~5-10 us. Measured (AVX-512 build, 4M gates on 2 threads): a HardConcrete
-// sampling block (Philox + log + exp) takes ~0.2 us, a penalty block ~0.04 us, so 128 and 512
-// blocks are ~25 us and ~20 us of work (2-4x that in a baseline SSE2 build).
-constexpr int64_t kGrainNoise = 128;
+// Grain size of the penalty kernels in blocks (see kGrainNoise): a penalty block takes ~0.04 us,
+// so 512 blocks are ~20 us of work.
 constexpr int64_t kGrainPenalty = 512;
-// Independent double partial sums of the penalty, so gcc vectorizes the accumulation without
-// reassociating a single sum (which -O3 alone does not allow).
-constexpr int64_t kLanes = 8;
-
-// u[0, 64) = the stream's elements of the 16 counters c, c + 1, ..., c + 15.
-void philox_block(uint64_t seed, uint64_t c, float* __restrict__ u) {
-  const auto k0 = static_cast<uint32_t>(seed);
-  const auto k1 = static_cast<uint32_t>(seed >> 32);
-  uint32_t w[4][kCounters];
-  for (int64_t j = 0; j < kCounters; ++j) {
-    const uint64_t cj = c + static_cast<uint64_t>(j);
-    const Philox4 r = philox4x32_10(static_cast<uint32_t>(cj), static_cast<uint32_t>(cj >> 32),
-                                    0u, 0u, k0, k1);
-    for (int q = 0; q < 4; ++q) w[q][j] = r.w[q];
-  }
-  for (int64_t j = 0; j < kCounters; ++j) {
-    for (int q = 0; q < 4; ++q) u[4 * j + q] = uint_to_uniform(w[q][j]);
-  }
-}
-
-// u[k] = uniform_at(seed, offset, i0 + k) for k < len <= 64; i0 need not be a multiple of 4
-// (example noise with a row length n % 4 != 0), which then costs a second Philox block.
-void block_uniforms(uint64_t seed, uint64_t offset, int64_t i0, int64_t len, float* u) {
-  if ((i0 & 3) == 0 && len == kBlock) {
-    philox_block(seed, offset + static_cast<uint64_t>(i0 >> 2), u);
-    return;
-  }
-  float words[kBlock];
-  for (int64_t done = 0; done < len;) {
-    const int64_t i = i0 + done;
-    philox_block(seed, offset + static_cast<uint64_t>(i >> 2), words);
-    const int64_t m = std::min(len - done, kBlock - (i & 3));
-    std::copy(words + (i & 3), words + (i & 3) + m, u + done);
-    done += m;
-  }
-}
-
-// Calls f(std::integral_constant<int64_t, F>) for the runtime family.
-template <typename Fn>
-void with_family(int64_t family, Fn&& f) {
-  if (family == kBinary) {
-    f(std::integral_constant<int64_t, kBinary>{});
-  } else {
-    f(std::integral_constant<int64_t, kHardConcrete>{});
-  }
-}
-
-// Calls f(std::integral_constant<bool, b>) for the runtime flag.
-template <typename Fn>
-void with_bool(bool b, Fn&& f) {
-  if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
 
 // What a group's penalty knows about its weights: none, W (q = W^2) or q = ||W_g||^2 itself.
 enum WeightKind : int { kNoWeight = 0, kWeightSquare = 1, kWeightSumsq = 2 };
@@ -120,13 +56,11 @@ template <typename scalar_t, int64_t F, bool kTrain>
 void sample_kernel(const scalar_t* phi, scalar_t* out, int64_t n, int64_t total, uint64_t seed,
                    uint64_t offset, const Gate<at::opmath_type<scalar_t>>& gate) {
   using T = at::opmath_type<scalar_t>;
+  const GateSource<T> src{seed, offset, gate};
   const int64_t blocks = (total + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, kGrainNoise, [&](int64_t b0, int64_t b1) {
-    // A local copy: stores to out cannot alias it, so it stays in registers and the loops
-    // vectorize (the Binary penalty backward took 10 ms instead of 1.5 ms through a reference).
-    const Gate<T> g = gate;
-    float u[kBlock] = {};
     scalar_t wrapped[kBlock];
+    T z[kBlock];
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * kBlock;
       const int64_t len = std::min(kBlock, total - i0);
@@ -136,11 +70,10 @@ void sample_kernel(const scalar_t* phi, scalar_t* out, int64_t n, int64_t total,
         for (int64_t k = 0; k < len; ++k) wrapped[k] = phi[(j0 + k) % n];
         x = wrapped;
       }
-      if constexpr (kTrain) block_uniforms(seed, offset, i0, len, u);
+      // gate_mul's block function: z is bit-identical to the gates gate_mul applies
+      block_gates<T, scalar_t, F, kTrain, false>(src, i0, len, x, z, nullptr);
       scalar_t* o = out + i0;
-      for (int64_t k = 0; k < len; ++k) {
-        o[k] = static_cast<scalar_t>(gate_z<F, kTrain>(u[k], static_cast<T>(x[k]), g));
-      }
+      for (int64_t k = 0; k < len; ++k) o[k] = static_cast<scalar_t>(z[k]);
     }
   });
 }
@@ -151,41 +84,28 @@ void sample_backward_kernel(const scalar_t* gz, const scalar_t* phi, scalar_t* g
                             int64_t batch, uint64_t seed, uint64_t offset,
                             const Gate<at::opmath_type<scalar_t>>& gate) {
   using T = at::opmath_type<scalar_t>;
+  const GateSource<T> src{seed, offset, gate};
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, std::max<int64_t>(1, kGrainNoise / batch), [&](int64_t b0,
                                                                              int64_t b1) {
-    const Gate<T> g = gate;  // local copy, see sample_kernel
-    float u[kBlock] = {};
     T acc[kBlock];
+    T z[kBlock];
+    T d[kBlock];
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t j0 = blk * kBlock;
       const int64_t len = std::min(kBlock, n - j0);
-      const scalar_t* x = phi + j0;
-      if (kTrain && batch == 1) {  // batch noise: no sum, no accumulator pass
-        block_uniforms(seed, offset, j0, len, u);
-        for (int64_t k = 0; k < len; ++k) {
-          const T d = gate_dz<kHardConcrete, true>(u[k], static_cast<T>(x[k]), g);
-          gphi[j0 + k] = static_cast<scalar_t>(static_cast<T>(gz[j0 + k]) * d);
-        }
-        continue;
-      }
       std::fill(acc, acc + kBlock, T(0));
-      if constexpr (kTrain) {
-        for (int64_t b = 0; b < batch; ++b) {
-          block_uniforms(seed, offset, b * n + j0, len, u);
+      // block_gates' fixed 64-lane loop vectorizes; a loop to len over the clamp's selects ran
+      // scalar: 46 ms per 1M gates instead of ~2 ms.
+      for (int64_t b = 0; b < (kTrain ? batch : 1); ++b) {
+        block_gates<T, scalar_t, kHardConcrete, kTrain, false>(src, b * n + j0, len, phi + j0, z, d);
+        const scalar_t* gzb = gz + b * n + j0;
+        for (int64_t k = 0; k < len; ++k) acc[k] += static_cast<T>(gzb[k]) * d[k];
+      }
+      if constexpr (!kTrain) {  // no noise: dz/dphi is the same for every b
+        for (int64_t b = 1; b < batch; ++b) {
           const scalar_t* gzb = gz + b * n + j0;
-          for (int64_t k = 0; k < len; ++k) {
-            acc[k] += static_cast<T>(gzb[k]) *
-                      gate_dz<kHardConcrete, true>(u[k], static_cast<T>(x[k]), g);
-          }
-        }
-      } else {  // no noise: dz/dphi is the same for every b
-        for (int64_t b = 0; b < batch; ++b) {
-          const scalar_t* gzb = gz + b * n + j0;
-          for (int64_t k = 0; k < len; ++k) acc[k] += static_cast<T>(gzb[k]);
-        }
-        for (int64_t k = 0; k < len; ++k) {
-          acc[k] *= gate_dz<kHardConcrete, false>(0.0f, static_cast<T>(x[k]), g);
+          for (int64_t k = 0; k < len; ++k) acc[k] += static_cast<T>(gzb[k]) * d[k];
         }
       }
       for (int64_t k = 0; k < len; ++k) gphi[j0 + k] = static_cast<scalar_t>(acc[k]);

@@ -38,6 +38,18 @@ void l0_penalty_backward(const at::Tensor& grad, const at::Tensor& phi,
                          c10::ArrayRef<double> params, double group_size, double l0,
                          double weight_decay, bool sumsq, const at::Tensor& grad_phi,
                          const std::optional<at::Tensor>& grad_weight);
+// Gate application (csrc/cpu/gate_mul.cpp): a [R, P, C] times the gates of phi [P].
+// check_antithetic (shared with the CUDA glue): antithetic only for Binary gates in training.
+void check_antithetic(int64_t family, bool training, bool antithetic);
+void gate_mul(const at::Tensor& a, const at::Tensor& phi, const at::Tensor& seed,
+              const at::Tensor& offset, int64_t family, c10::ArrayRef<double> params,
+              bool training, bool example, bool antithetic, const at::Tensor& out);
+void gate_mul_backward(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& phi,
+                       const at::Tensor& seed, const at::Tensor& offset, int64_t family,
+                       c10::ArrayRef<double> params, bool training, bool example,
+                       const std::optional<at::Tensor>& grad_a,
+                       const std::optional<at::Tensor>& grad_phi,
+                       const std::optional<at::Tensor>& a_gated);
 int64_t parallel_threads(int64_t n);
 
 }  // namespace npn::cpu

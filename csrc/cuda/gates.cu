@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "npn/gates.h"
+#include "device_io.cuh"
 #include "npn/philox.h"
 #include "npn_cuda_kernels.h"
 
@@ -20,27 +21,9 @@ constexpr int kThreads = 256;
 // sweep and keep the grid within every device's limits.
 constexpr int64_t kMaxBlocks = 65536;
 
-// Element load/store in the math type AccT<T>.
-__device__ __forceinline__ float load(const float* p) { return *p; }
-__device__ __forceinline__ double load(const double* p) { return *p; }
-__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
 unsigned grid_for(int64_t work_items) {
   const int64_t blocks = (work_items + kThreads - 1) / kThreads;
   return static_cast<unsigned>(blocks < kMaxBlocks ? (blocks > 0 ? blocks : 1) : kMaxBlocks);
-}
-
-// Word `idx` (0..7) of the 8 words of two consecutive counters, by selects: a dynamic index
-// into an array would put it in local memory.
-__device__ __forceinline__ uint32_t pick_word(const Philox4& a, const Philox4& b, int idx) {
-  const Philox4& r = idx < 4 ? a : b;
-  const int q = idx & 3;
-  return q == 0 ? r.w[0] : (q == 1 ? r.w[1] : (q == 2 ? r.w[2] : r.w[3]));
 }
 
 // One thread per Philox counter c writes out[4c .. 4c + 3].

@@ -27,4 +27,15 @@ void l0_penalty_backward(const at::Tensor& grad, const at::Tensor& phi,
                          double weight_decay, bool sumsq, const at::Tensor& grad_phi,
                          const std::optional<at::Tensor>& grad_weight);
 
+// Gate application: a [R, P, C] times the gates of phi [P]; CPU twins in cpu/gate_mul.cpp.
+void gate_mul(const at::Tensor& a, const at::Tensor& phi, const at::Tensor& seed,
+              const at::Tensor& offset, int64_t family, c10::ArrayRef<double> params,
+              bool training, bool example, bool antithetic, const at::Tensor& out);
+void gate_mul_backward(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& phi,
+                       const at::Tensor& seed, const at::Tensor& offset, int64_t family,
+                       c10::ArrayRef<double> params, bool training, bool example,
+                       const std::optional<at::Tensor>& grad_a,
+                       const std::optional<at::Tensor>& grad_phi,
+                       const std::optional<at::Tensor>& a_gated);
+
 }  // namespace npn::cuda

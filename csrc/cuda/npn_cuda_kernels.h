@@ -53,4 +53,36 @@ cudaError_t l0_penalty_backward_launch(const AccT<T>* grad, const T* phi, const 
                                        const GateSpec& gate, double group_size, double l0,
                                        double weight_decay, cudaStream_t stream);
 
+// ---- Gate application (gate_mul.cu), for every pair of A (a's type) and Ph (phi's type) of
+// float, double, __half, __nv_bfloat16. Products run in MulT: double if either is double.
+template <typename A, typename Ph>
+using MulT = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<Ph, double>, double,
+                                float>;
+
+// a, grad, out, grad_a: [rows, units, cols]; phi, grad_phi: [units]; all contiguous, nullptr
+// where not used. Forward: out = a * z (out may be a). Backward: grad_a = grad * z, out =
+// a_gated = a * z, grad_phi = sum over rows and cols of grad a dz/dphi (HardConcrete only; the
+// caller zero-fills it for Binary), with partial: gate_mul_row_groups(...) * units MulT of
+// scratch (unused when that is 1).
+template <typename A, typename Ph>
+struct GateMulArgs {
+  const A* a;
+  const A* grad;
+  const Ph* phi;
+  A* out;
+  A* grad_a;
+  Ph* grad_phi;
+  MulT<A, Ph>* partial;
+  int64_t rows, units, cols;
+};
+
+int64_t gate_mul_row_groups(int64_t rows, int64_t units, int64_t cols);
+
+// The gate of (r, p) uses noise element r * units + p (training && example) or p; antithetic:
+// ARM's z' (Binary in training only, forward only).
+template <typename A, typename Ph>
+cudaError_t gate_mul_launch(const GateMulArgs<A, Ph>& io, const int64_t* seed,
+                            const int64_t* offset, const GateSpec& gate, bool training,
+                            bool example, bool antithetic, cudaStream_t stream);
+
 }  // namespace npn::cuda

@@ -228,4 +228,130 @@ void l0_penalty_backward(const at::Tensor& grad, const at::Tensor& phi,
       });
 }
 
+namespace {
+
+bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// a [R, P, C] and phi [P]: contiguous floating-point tensors on one CUDA device.
+void check_gate_mul_inputs(const at::Tensor& a, const at::Tensor& phi) {
+  TORCH_CHECK(a.is_cuda() && a.is_contiguous() && a.dim() == 3 && is_float_dtype(a.scalar_type()),
+              "a: expected a contiguous [R, P, C] CUDA tensor of dtype float32, float64, float16 "
+              "or bfloat16, got ",
+              a.scalar_type(), " ", a.sizes(), a.is_contiguous() ? "" : " (non-contiguous)",
+              " on ", a.device());
+  TORCH_CHECK(phi.device() == a.device() && phi.is_contiguous() && phi.dim() == 1 &&
+                  phi.size(0) == a.size(1) && is_float_dtype(phi.scalar_type()),
+              "phi: expected a contiguous [P] = [", a.size(1), "] tensor of dtype float32, "
+              "float64, float16 or bfloat16 on ", a.device(), ", got ", phi.scalar_type(), " ",
+              phi.sizes(), phi.is_contiguous() ? "" : " (non-contiguous)", " on ", phi.device());
+}
+
+// t: contiguous, of `like`'s dtype, shape and device.
+void check_gate_mul_like(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.is_contiguous() && t.scalar_type() == like.scalar_type() &&
+                  t.sizes() == like.sizes() && t.device() == like.device(),
+              name, ": expected a contiguous tensor of dtype ", like.scalar_type(), " and shape ",
+              like.sizes(), " on ", like.device(), ", got ", t.scalar_type(), " ", t.sizes(),
+              t.is_contiguous() ? "" : " (non-contiguous)", " on ", t.device());
+}
+
+// Calls f(A{}, Ph{}) with the CUDA types of a's and phi's dtypes.
+template <typename Fn>
+void dispatch_gate_mul(const at::Tensor& a, const at::Tensor& phi, Fn&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, phi.scalar_type(), "gate_mul_cuda", [&] {
+        using Ph = typename CudaScalar<scalar_t>::type;
+        AT_DISPATCH_FLOATING_TYPES_AND2(
+            at::kHalf, at::kBFloat16, a.scalar_type(), "gate_mul_cuda",
+            [&] { f(typename CudaScalar<scalar_t>::type{}, Ph{}); });
+      });
+}
+
+template <typename T>
+T* mutable_ptr(const at::Tensor* t) {
+  return t == nullptr ? nullptr : reinterpret_cast<T*>(t->data_ptr());
+}
+
+}  // namespace
+
+// a [R, P, C], phi [P] -> out [R, P, C] (a's dtype; may be a itself), all on one device.
+void gate_mul(const at::Tensor& a, const at::Tensor& phi, const at::Tensor& seed,
+              const at::Tensor& offset, int64_t family, c10::ArrayRef<double> params,
+              bool training, bool example, bool antithetic, const at::Tensor& out) {
+  check_gate_mul_inputs(a, phi);
+  check_rng_scalars(seed, offset, phi);
+  const GateSpec spec = npn::cpu::parse_gate_spec(family, params);
+  npn::cpu::check_antithetic(family, training, antithetic);
+  check_gate_mul_like(out, a, "out");
+  if (a.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(a.device());
+  const at::Tensor s = seed.contiguous();
+  const at::Tensor o = offset.contiguous();
+  dispatch_gate_mul(a, phi, [&](auto a_tag, auto phi_tag) {
+    using A = decltype(a_tag);
+    using Ph = decltype(phi_tag);
+    const GateMulArgs<A, Ph> io{reinterpret_cast<const A*>(a.const_data_ptr()), nullptr,
+                                reinterpret_cast<const Ph*>(phi.const_data_ptr()),
+                                mutable_ptr<A>(&out), nullptr, nullptr, nullptr,
+                                a.size(0), a.size(1), a.size(2)};
+    C10_CUDA_CHECK(gate_mul_launch(io, s.const_data_ptr<int64_t>(), o.const_data_ptr<int64_t>(),
+                                   spec, training, example, antithetic,
+                                   at::cuda::getCurrentCUDAStream()));
+  });
+}
+
+// grad, a [R, P, C], phi [P] -> grad_a, a_gated [R, P, C] (a's dtype), grad_phi [P] (phi's).
+void gate_mul_backward(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& phi,
+                       const at::Tensor& seed, const at::Tensor& offset, int64_t family,
+                       c10::ArrayRef<double> params, bool training, bool example,
+                       const std::optional<at::Tensor>& grad_a,
+                       const std::optional<at::Tensor>& grad_phi,
+                       const std::optional<at::Tensor>& a_gated) {
+  check_gate_mul_inputs(a, phi);
+  check_rng_scalars(seed, offset, phi);
+  const GateSpec spec = npn::cpu::parse_gate_spec(family, params);
+  check_gate_mul_like(grad, a, "grad");
+  const auto given = [](const std::optional<at::Tensor>& t) {
+    return t.has_value() && t->defined() ? &*t : nullptr;
+  };
+  const at::Tensor* ga = given(grad_a);
+  const at::Tensor* gp = given(grad_phi);
+  const at::Tensor* ag = given(a_gated);
+  if (ga != nullptr) check_gate_mul_like(*ga, a, "grad_a");
+  if (gp != nullptr) check_gate_mul_like(*gp, phi, "grad_phi");
+  if (ag != nullptr) check_gate_mul_like(*ag, a, "a_gated");
+  const c10::cuda::CUDAGuard guard(a.device());
+  // Binary gates have no pathwise gradient; with R C = 0 grad_phi is a sum over nothing.
+  const bool has_gp = gp != nullptr && spec.family == kHardConcrete && a.numel() > 0;
+  if (gp != nullptr && !has_gp) gp->zero_();
+  if (a.numel() == 0 || (ga == nullptr && ag == nullptr && !has_gp)) return;
+  const at::Tensor s = seed.contiguous();
+  const at::Tensor o = offset.contiguous();
+  const int64_t groups = gate_mul_row_groups(a.size(0), a.size(1), a.size(2));
+  const bool mul_double = a.scalar_type() == at::kDouble || phi.scalar_type() == at::kDouble;
+  // partial [groups, P]: per row group sums of grad_phi, added in order by a second kernel.
+  const at::ScalarType mul_type = mul_double ? at::kDouble : at::kFloat;
+  const at::Tensor partial = has_gp && groups > 1
+                                 ? at::empty({groups, a.size(1)}, a.options().dtype(mul_type))
+                                 : at::Tensor();
+  dispatch_gate_mul(a, phi, [&](auto a_tag, auto phi_tag) {
+    using A = decltype(a_tag);
+    using Ph = decltype(phi_tag);
+    const GateMulArgs<A, Ph> io{
+        reinterpret_cast<const A*>(a.const_data_ptr()),
+        reinterpret_cast<const A*>(grad.const_data_ptr()),
+        reinterpret_cast<const Ph*>(phi.const_data_ptr()),
+        mutable_ptr<A>(ag),
+        mutable_ptr<A>(ga),
+        has_gp ? mutable_ptr<Ph>(gp) : nullptr,
+        partial.defined() ? reinterpret_cast<MulT<A, Ph>*>(partial.data_ptr()) : nullptr,
+        a.size(0), a.size(1), a.size(2)};
+    C10_CUDA_CHECK(gate_mul_launch(io, s.const_data_ptr<int64_t>(), o.const_data_ptr<int64_t>(),
+                                   spec, training, example, false,
+                                   at::cuda::getCurrentCUDAStream()));
+  });
+}
+
 }  // namespace npn::cuda

@@ -16,6 +16,8 @@ from npn_kernels.ops.rng import rng_tensors
 from npn_kernels.ops.uniforms import reference as uniforms_reference
 from tests.helpers import TOL, backend_params
 
+# example noise (one gate per example and unit) exists for "in"/"out" gates only
+GRANULARITY_NOISE = [(g, n) for g in reference.GRANULARITIES for n in ("batch", "example") if (g, n) != ("weight", "example")]
 BACKENDS = backend_params("reference", "cpu", "triton")
 GATES = {"binary": npn.Binary(5.0), "binary_inf": npn.Binary(float("inf")), "hc": npn.HardConcrete()}
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -110,11 +112,8 @@ def test_example_noise(backend, gate_name, granularity, training):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("granularity", reference.GRANULARITIES)
-@pytest.mark.parametrize("noise", ["batch", "example"])
+@pytest.mark.parametrize("granularity, noise", GRANULARITY_NOISE)
 def test_paired_matches_two_reference_passes(backend, granularity, noise):
-    if noise == "example" and granularity == "weight":
-        pytest.skip("example noise needs in/out gates")
     x, weight, bias, phi = _inputs(2, 4, 5, (5, 7), granularity, torch.float32)
     x = torch.cat([x, x])  # the doubled batch of the ARM objective
     _check(backend, x, weight, bias, phi, npn.Binary(3.0), granularity, (1, 1, 1, 1), noise=noise, paired=True)
@@ -142,11 +141,8 @@ def test_all_channels_closed(backend, granularity):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("granularity", reference.GRANULARITIES)
-@pytest.mark.parametrize("noise", ["batch", "example"])
+@pytest.mark.parametrize("granularity, noise", GRANULARITY_NOISE)
 def test_channels_last_and_non_contiguous_x(backend, granularity, noise):
-    if noise == "example" and granularity == "weight":
-        pytest.skip("example noise needs in/out gates")
     x, weight, bias, phi = _inputs(2, 4, 6, (7, 9), granularity, torch.float32, closed=0.7)  # "in"/"out" gather
     seed, offset = _rng()
     results = []

@@ -101,6 +101,13 @@ NPN_HD T binary_sample(float u, T phi, const Gate<T>& g) {
   return static_cast<T>(u) < binary_prob(phi, g) ? T(1) : T(0);
 }
 
+// ARM's antithetic gate (DESIGN 2.1, 4.3): z' = 1[u > 1 - pi] from the same u as z. 1 - pi as a
+// difference, as the reference and Triton write it, so the backends agree on the threshold.
+template <typename T>
+NPN_HD T binary_sample_antithetic(float u, T phi, const Gate<T>& g) {
+  return static_cast<T>(u) > T(1) - binary_prob(phi, g) ? T(1) : T(0);
+}
+
 template <typename T>
 NPN_HD T binary_eval(T phi, const Gate<T>& g) {
   const T pi = binary_prob(phi, g);
@@ -160,9 +167,13 @@ NPN_HD Prob<T> hc_prob_pair(T phi, const Gate<T>& g) {
 }
 
 // ---- One gate of either family: z, and dz/dphi (Binary: 0, there is no pathwise gradient).
-template <int64_t F, bool kTrain, typename T>
+// kAnti: ARM's z' instead of z (Binary in training only).
+template <int64_t F, bool kTrain, bool kAnti = false, typename T>
 NPN_HD T gate_z(float u, T phi, const Gate<T>& g) {
-  if constexpr (F == kBinary) {
+  static_assert(!kAnti || (F == kBinary && kTrain), "antithetic gates: Binary in training only");
+  if constexpr (kAnti) {
+    return binary_sample_antithetic(u, phi, g);
+  } else if constexpr (F == kBinary) {
     return kTrain ? binary_sample(u, phi, g) : binary_eval(phi, g);
   } else {
     return kTrain ? hc_sample(u, phi, g) : hc_eval(phi, g);
