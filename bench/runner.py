@@ -12,6 +12,9 @@ import datetime
 import json
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,10 +25,11 @@ from bench.registry import Case, load_all
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # glibc returns freed blocks above 128 KB to the OS, so every new multi-MB tensor is page-faulted
-# in again: on the CI VM an 8 MB clone takes 8 ms against 0.1 ms for a copy into an existing
-# tensor, ~235 ms of a 480 ms conv fwd+bwd (row C5). Keeping freed memory in the heap, as a
-# caching allocator (tcmalloc/jemalloc, which oneDNN recommends) would, measures the kernels
-# instead of the VM's page faults; it applies to every variant alike and is recorded in the JSON.
+# in again: on the CI VM under load an 8 MB clone took 8 ms against 0.1 ms for a copy into an
+# existing tensor. `--allocator keep` keeps freed memory in the heap, as a caching allocator
+# (tcmalloc/jemalloc, which oneDNN recommends) would; the default measures what a plain PyTorch
+# process gets. It shifts ratios both ways (row L0: 0.81 default, 0.92 keep, since the baseline
+# allocates a 4 MB mask per call), so the JSON records which one ran.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's cap on 64-bit: larger blocks are always mmapped
 
@@ -108,7 +112,7 @@ def machine() -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'case':<18}{'row':<5}{'variant':<28}{'median ms':>11}{'ratio':>8}{'GB/s':>8}  targets"
+    header = f"{'case':<22}{'row':<5}{'variant':<28}{'median ms':>11}{'ratio':>8}{'GB/s':>8}  targets"
     lines = [header, "-" * len(header)]
     for r in rows:
         gbs = "" if r["gb_per_s"] is None else f"{r['gb_per_s']:.2f}"
@@ -116,35 +120,55 @@ def format_table(rows: list[dict]) -> str:
             f"{c['ratio']:.3f} {c['target']} {'ok' if c['ok'] else 'MISS'}" for c in r["targets"]
         )
         lines.append(
-            f"{r['case']:<18}{r['row']:<5}{r['variant']:<28}{r['median_ms']:>11.3f}{r['ratio']:>8.3f}{gbs:>8}  {target}"
+            f"{r['case']:<22}{r['row']:<5}{r['variant']:<28}{r['median_ms']:>11.3f}{r['ratio']:>8.3f}{gbs:>8}  {target}"
         )
     return "\n".join(lines)
+
+
+def _case_in_subprocess(case: Case, args: argparse.Namespace) -> list[dict]:
+    """Time one case in a fresh interpreter: a case's allocations (the heap glibc grew and kept,
+    oneDNN's caches) changed the next case's timings by up to 7x when all ran in one process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "case.json"
+        cmd = [sys.executable, "-m", "bench", "--case", case.name, "--rounds", str(args.rounds),
+               "--min-seconds", str(args.min_seconds), "--allocator", args.allocator, "--out", str(out)]
+        subprocess.run(cmd + (["--small"] if args.small else []), check=False, stdout=subprocess.DEVNULL,
+                       cwd=Path(__file__).resolve().parent.parent)
+        if not out.exists():
+            raise RuntimeError(f"bench case {case.name!r} failed: rerun it alone with `python -m bench --case {case.name}`")
+        return json.loads(out.read_text())["results"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="npn bench", description="Run the kernel benchmarks (ratios, medians).")
     parser.add_argument("-k", "--filter", default="", help="run only cases whose name or row contains this")
+    parser.add_argument("--case", default=None, help="run exactly this case, in this process")
     parser.add_argument("--small", action="store_true", help="small shapes: a smoke run, not a measurement")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved samples per variant (median taken)")
     parser.add_argument("--min-seconds", type=float, default=0.05, help="minimum duration of one sample")
     parser.add_argument("--out", default=None, help="JSON path (default: bench/results/<device>-<date>.json)")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--allocator", choices=("default", "keep"), default="default",
+                        help="keep: glibc keeps freed memory (see keep_freed_memory); default: as the process starts")
     args = parser.parse_args(argv)
 
     from npn_kernels import _env
 
-    allocator = keep_freed_memory()
+    allocator = keep_freed_memory() if args.allocator == "keep" else "default allocator"
     cases = load_all()
-    selected = [c for c in cases.values() if args.filter in c.name or (c.row and args.filter in c.row)]
     if args.list:
         for c in cases.values():
-            print(f"{c.name:<18}{c.row:<5}{c.description}")
+            print(f"{c.name:<22}{c.row:<5}{c.description}")
         return 0
-    if not selected:
-        parser.error(f"--filter {args.filter!r} matches no case; see --list")
-    rows = []
-    for case in selected:
-        rows += time_case(case, small=args.small, rounds=args.rounds, min_seconds=args.min_seconds)
+    if args.case is not None:
+        if args.case not in cases:
+            parser.error(f"--case {args.case!r} is not a case; see --list")
+        rows = time_case(cases[args.case], small=args.small, rounds=args.rounds, min_seconds=args.min_seconds)
+    else:
+        selected = [c for c in cases.values() if args.filter in c.name or (c.row and args.filter in c.row)]
+        if not selected:
+            parser.error(f"--filter {args.filter!r} matches no case; see --list")
+        rows = [row for case in selected for row in _case_in_subprocess(case, args)]
     print(format_table(rows))
     info = machine()
     info["allocator"] = allocator

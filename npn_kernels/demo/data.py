@@ -46,7 +46,7 @@ def two_moons(n: int, *, seed: int, noise: float = MOONS_NOISE) -> tuple[Tensor,
 
 
 def projection(seed: int, dim: int = MOONS_DIM) -> Tensor:
-    """The fixed random linear map R^2 -> R^dim: [2, dim], N(0, 1/2) entries (so ||x|| ~ ||p|| on average)."""
+    """The fixed random linear map R^2 -> R^dim: [2, dim], N(0, 1/2) entries (each input ~ unit scale)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(2, dim, generator=g) / math.sqrt(2)
 
@@ -54,8 +54,8 @@ def projection(seed: int, dim: int = MOONS_DIM) -> Tensor:
 def embed(points: Tensor, *, seed: int, dim: int = MOONS_DIM) -> Tensor:
     """2-D points [n, 2] -> [n, dim] by the fixed random projection of ``seed``.
 
-    Every input carries the same 2-D information (rank 2): any two inputs in general position
-    suffice, so the input gates of a sparsifying network can close all but a handful.
+    The 100 inputs are correlated mixtures of the two moon coordinates (rank 2); a grid of 2-D
+    points embedded with the same seed shows what the network learnt on the moons' plane.
     """
     if points.dim() != 2 or points.shape[1] != 2:
         raise ValueError(f"points: expected shape [n, 2], got {tuple(points.shape)}")

@@ -7,12 +7,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only: works without a display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-from npn_kernels.demo.data import embed  # noqa: E402
-from npn_kernels.demo.train import RunResult, fmt_arch  # noqa: E402
+from npn_kernels.demo.data import embed
+from npn_kernels.demo.train import HIDDEN, RunResult, fmt_arch
 
 GRID = 200  # points per axis of the decision-boundary grid
 BOX = (-1.6, 2.6, -1.1, 1.6)  # x0, x1, y0, y1: the moons with noise 0.1 lie inside
@@ -59,6 +59,7 @@ def active_units(runs: list[RunResult], stages: tuple[int, int], path: Path) -> 
             ax.axvline(e, color="grey", ls=":")
         ax.set(xlabel="epoch", ylabel="active units (log scale)", yscale="log",
                title=f"{run.mode}: {fmt_arch(run.initial)} → {fmt_arch(run.final)} (stage ends dotted)")  # fmt: skip
+        ax.set_yticks([t for t in (1, 2, 3, 5, 10, 20, 50, 100) if t <= max(HIDDEN)])
         ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.legend(fontsize=8)
