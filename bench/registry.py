@@ -10,6 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
+import npn_kernels as npn
+
 Variants = dict[str, Callable[[], object]]
 
 
@@ -41,6 +45,24 @@ class Case:
 
 
 CASES: dict[str, Case] = {}
+
+
+def grads(outputs, inputs, grad_outputs):
+    """The forward + backward of a variant: torch.autograd.grad with given upstream gradients."""
+    return torch.autograd.grad(outputs, inputs, grad_outputs)
+
+
+def npn_variants(variants: Variants, fn) -> Variants:
+    """Adds the npn variants of a case: ``fn`` on the reference backend, and on cpu where built."""
+    for backend in ("reference", "cpu"):
+        if npn.backends.available()[backend]:
+
+            def run(backend=backend):
+                with npn.backends.use(backend):
+                    return fn()
+
+            variants[backend] = run
+    return variants
 
 
 def register(case: Case) -> Case:

@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "demo":
+        if args.epochs < 3:
+            parser.error(f"demo --epochs: expected an int >= 3 (one per stage), got {args.epochs}")
+        if args.backend and not backends.available()[args.backend]:
+            parser.error(f"demo --backend: {args.backend!r} is not available here: {backends.reasons()[args.backend]}")
         from npn_kernels.demo import run  # imports matplotlib: only when asked
 
         run(out=args.out, epochs=args.epochs, seed=args.seed, backend=args.backend)

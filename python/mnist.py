@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -72,11 +73,12 @@ class LeNet300(nn.Module):
     # weights a closed gate removes: its column here + its row in the layer before
     removed: ClassVar[dict[str, int]] = {"fc1": 300, "fc2": 100 + 784, "fc3": 10 + 300}
 
-    def __init__(self, l0: float, **gate_kwargs):
+    def __init__(self, l0: float, fc1_l0_scale: float = 1.0, **gate_kwargs):
         super().__init__()
         self.register_buffer("order", centre_out_order(), persistent=False)
         for name, (n_in, n_out) in {"fc1": (784, 300), "fc2": (300, 100), "fc3": (100, 10)}.items():
-            setattr(self, name, npn.GatedLinear(n_in, n_out, granularity="in", l0=l0 * self.removed[name] / n_out,
+            setattr(self, name, npn.GatedLinear(n_in, n_out, granularity="in", l0=l0 * self.removed[name] / n_out
+                                                * (fc1_l0_scale if name == "fc1" else 1.0),
                                                 **gate_kwargs))  # fmt: skip
 
     def forward(self, x):
@@ -104,10 +106,11 @@ class LeNet5(nn.Module):
     # weights a closed gate removes: its filter / row + its inputs to the next layer (16 = 4×4 positions)
     removed: ClassVar[dict[str, int]] = {"conv1": 25 + 50 * 25, "conv2": 20 * 25 + 500 * 16, "fc1": 800 + 10}
 
-    def __init__(self, l0: float, **gate_kwargs):
+    def __init__(self, l0: float, fc1_l0_scale: float = 1.0, **gate_kwargs):
         super().__init__()
         group = {"conv1": 25, "conv2": 20 * 25, "fc1": 800}
         l0s = {name: l0 * self.removed[name] / group[name] for name in group}
+        l0s["fc1"] *= fc1_l0_scale
         self.conv1 = npn.GatedConv2d(1, 20, 5, granularity="out", l0=l0s["conv1"], **gate_kwargs)
         self.conv2 = npn.GatedConv2d(20, 50, 5, granularity="out", l0=l0s["conv2"], **gate_kwargs)
         self.fc1 = npn.GatedLinear(800, 500, granularity="out", l0=l0s["fc1"], **gate_kwargs)
@@ -149,7 +152,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 
 def learning_rate(args, epoch: int, stage2: int) -> float:
-    return args.lr if epoch < stage2 else args.lr / 10  # hardening fine-tunes a fixed architecture
+    """Adam's rate for ``epoch``: ``--lr`` until plasticity ends; then hardening fine-tunes a fixed
+    architecture from lr/10 down a half cosine (with 20 hardening epochs the last runs at 0.6% of lr/10)."""
+    if epoch < stage2:
+        return args.lr
+    t = (epoch - stage2) / max(1, args.epochs - stage2)
+    return args.lr / 10 * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def stages(epochs: int) -> tuple[int, int]:
@@ -215,6 +223,8 @@ def parse(argv=None):
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (weights and phi)")
     p.add_argument("--l0", type=float, default=None,
                    help="lambda: L0 cost per weight (Louizos's 0.1/N = 1.7e-6 at N = 60,000); default per arch")
+    p.add_argument("--fc1-l0-scale", type=float, default=1.0,
+                   help="multiplies lambda on the fc1 gates (LeNet-5-Caffe's 500 fc1 units: a weak L0 signal each)")
     p.add_argument("--wd", type=float, default=0.0, help="weight decay inside the gated penalty (expected L2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default=None, help="npn backend (reference, cpu, ...); default automatic")
@@ -240,7 +250,7 @@ def run(args) -> dict:
         x, y, xt, yt, xv, yv = x[: args.limit], y[: args.limit], xt[: args.limit], yt[: args.limit], xv[:1000], yv[:1000]
     k = K[args.mode]
     torch.manual_seed(args.seed)  # weights, and every gated layer's noise seed
-    model = ARCHS[args.arch](gate=npn.Binary(k), l0=l0, weight_decay=args.wd,
+    model = ARCHS[args.arch](gate=npn.Binary(k), l0=l0, fc1_l0_scale=args.fc1_l0_scale, weight_decay=args.wd,
                              init_active=INIT_UNITS if args.mode == "expand" else None)  # fmt: skip
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     stage1, stage2 = stages(args.epochs)
@@ -306,7 +316,8 @@ def run(args) -> dict:
         "architecture": arch, "initial_architecture": initial, "epochs": args.epochs,
         "stages": {"stage1": stage1, "stage2": stage2, "k": K[args.mode]}, "seconds": seconds,
         "backend": npn.backends.current() or npn.backends.select("cpu"), "commit": commit(),
-        "hyperparameters": {"batch_size": args.batch_size, "lr": args.lr, "l0": l0, "weight_decay": args.wd,
+        "hyperparameters": {"batch_size": args.batch_size, "lr": args.lr, "lr_hardening": "cosine lr/10 -> 0",
+                            "l0": l0, "fc1_l0_scale": args.fc1_l0_scale, "weight_decay": args.wd,
                             "seed": args.seed, "train_images": len(y), "val_images": len(yv)},
     }  # fmt: skip
     result["params_fraction"] = result["params_active"] / result["params_total"]

@@ -13,26 +13,9 @@ from __future__ import annotations
 import torch
 
 import npn_kernels as npn
-from bench.registry import Case, Target, register
+from bench.registry import Case, Target, grads, npn_variants, register
 
 HC = npn.HardConcrete()
-
-
-def _grads(outputs, inputs, grad_outputs):
-    return torch.autograd.grad(outputs, inputs, grad_outputs)
-
-
-def _npn_variants(variants, fn):
-    """The npn variants of a case: the reference, and the cpu backend where it is built."""
-    for backend in ("reference", "cpu"):
-        if npn.backends.available()[backend]:
-
-            def run(backend=backend):
-                with npn.backends.use(backend):
-                    return fn()
-
-            variants[backend] = run
-    return variants
 
 
 def _dense(small):
@@ -45,7 +28,7 @@ def _dense(small):
 
 
 def _dense_variant(x, layer, g):
-    return {"dense nn.Conv2d": lambda: _grads(layer(x), (x, layer.weight, layer.bias), g)}
+    return {"dense nn.Conv2d": lambda: grads(layer(x), (x, layer.weight, layer.bias), g)}
 
 
 # ---- C5: binary "out" gates, 90% closed ------------------------------------------------------
@@ -60,9 +43,9 @@ def _c5(small):
 
     def gated():
         y = npn.ops.gated_conv2d(x, w, b, phi, npn.Binary(7.0), "out", 1, 1, seed=7, offset=0)
-        return _grads(y, inputs, g)
+        return grads(y, inputs, g)
 
-    return _npn_variants(_dense_variant(x, layer, g), gated)
+    return npn_variants(_dense_variant(x, layer, g), gated)
 
 
 register(
@@ -87,9 +70,9 @@ def _c5w(small):
     inputs = (x, w, b, phi)
 
     def gated():
-        return _grads(npn.ops.gated_conv2d(x, w, b, phi, HC, "weight", 1, 1, seed=7, offset=0), inputs, g)
+        return grads(npn.ops.gated_conv2d(x, w, b, phi, HC, "weight", 1, 1, seed=7, offset=0), inputs, g)
 
-    return _npn_variants(_dense_variant(x, layer, g), gated)
+    return npn_variants(_dense_variant(x, layer, g), gated)
 
 
 register(

@@ -8,26 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import npn_kernels as npn
-from bench.registry import Case, Target, register
+from bench.registry import Case, Target, grads, npn_variants, register
 
 HC = npn.HardConcrete()
-
-
-def _grads(outputs, inputs, grad_outputs):
-    return torch.autograd.grad(outputs, inputs, grad_outputs)
-
-
-def _npn_variants(variants, fn):
-    """The npn variants of a case: the reference, and the cpu backend where it is built."""
-    for backend in ("reference", "cpu"):
-        if npn.backends.available()[backend]:
-
-            def run(backend=backend):
-                with npn.backends.use(backend):
-                    return fn()
-
-            variants[backend] = run
-    return variants
 
 
 def _dense(m, k, n):
@@ -56,13 +39,13 @@ def _c2(small):
         u = torch.rand(n, k).clamp_(1e-6, 1 - 1e-6)
         s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + phi) / HC.beta)
         z = torch.clamp(s * (HC.zeta - HC.gamma) + HC.gamma, 0, 1)
-        return _grads(F.linear(x, w * z, b), inputs, g)
+        return grads(F.linear(x, w * z, b), inputs, g)
 
     def gated():
-        return _grads(npn.ops.gated_linear(x, w, b, phi, HC, "weight", seed=7, offset=0), inputs, g)
+        return grads(npn.ops.gated_linear(x, w, b, phi, HC, "weight", seed=7, offset=0), inputs, g)
 
-    variants = {"dense nn.Linear": lambda: _grads(layer(x), (x, w, b), g), "torch composition": composition}
-    return _npn_variants(variants, gated)
+    variants = {"dense nn.Linear": lambda: grads(layer(x), (x, w, b), g), "torch composition": composition}
+    return npn_variants(variants, gated)
 
 
 register(
@@ -89,9 +72,9 @@ def _c3(small):
     inputs = (x, w, b, phi)
 
     def gated():
-        return _grads(npn.ops.gated_linear(x, w, b, phi, npn.Binary(7.0), "in", seed=7, offset=0), inputs, g)
+        return grads(npn.ops.gated_linear(x, w, b, phi, npn.Binary(7.0), "in", seed=7, offset=0), inputs, g)
 
-    return _npn_variants({"dense nn.Linear": lambda: _grads(layer(x), (x, w, b), g)}, gated)
+    return npn_variants({"dense nn.Linear": lambda: grads(layer(x), (x, w, b), g)}, gated)
 
 
 register(
@@ -147,14 +130,14 @@ def _l0(small):
     inputs = (x, w, b, phi)
 
     def louizos_step():
-        return _grads((louizos(x), -louizos.regularization()), louizos_inputs, (g, one))
+        return grads((louizos(x), -louizos.regularization()), louizos_inputs, (g, one))
 
     def gated():
         y = npn.ops.gated_linear(x, w, b, phi, HC, "in", seed=7, offset=0)
         penalty = npn.ops.l0_penalty(phi.view(1, k), HC, group_size=n, weight=w, l0=0.1, weight_decay=1.0)
-        return _grads((y, penalty + 0.5 * b.square().sum()), inputs, (g, one))
+        return grads((y, penalty + 0.5 * b.square().sum()), inputs, (g, one))
 
-    return _npn_variants({"Louizos L0Dense": louizos_step}, gated)
+    return npn_variants({"Louizos L0Dense": louizos_step}, gated)
 
 
 register(

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import npn_kernels as npn
 from npn_kernels import cli
 from npn_kernels.demo import run
 from npn_kernels.demo.data import embed, load_mnist, moons_splits, read_idx, two_moons
@@ -86,3 +87,12 @@ def test_demo_cli(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(tmp_path / "d"), "--epochs", "3", "--seed", "1", "--backend", "reference"]) == 0
     assert (tmp_path / "d" / "decision_boundaries.png").exists() and (tmp_path / "d" / "active_units.png").exists()
     assert "test acc" in capsys.readouterr().out
+
+
+def test_demo_cli_rejects_bad_options(tmp_path, capsys):
+    for argv in (["--epochs", "2"], ["--backend", "cuda"] if not npn.backends.available()["cuda"] else ["--epochs", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["demo", "--out", str(tmp_path), *argv])
+        assert exc.value.code == 2
+    assert "demo --" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written

@@ -26,10 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from npn_kernels import backends
 from npn_kernels.gates import BINARY, check_gate
 from npn_kernels.ops.gated_conv2d import reference
-from npn_kernels.ops.gates.apply import LayerGates, check_tensor, halves
+from npn_kernels.ops.gates.apply import LayerGates, check_tensor, halves, register_layer_autograd
 from npn_kernels.ops.rng import rng_tensors
 
 # Structured binary gates gather the open channels into a smaller conv when fewer than this
@@ -302,24 +301,7 @@ def _(grad_y, x, weight, bias, phi, seed, offset, aux, stride, padding, dilation
     )
 
 
-def _setup(ctx, inputs, output):
-    x, weight, bias, phi, seed, offset, *rest = inputs
-    ctx.save_for_backward(x, weight, bias, phi, seed, offset, output[1])
-    ctx.rest = rest
-    ctx.backend = backends.select(x.device)
-
-
-def _backward(ctx, grad_y, _grad_aux):
-    x, weight, bias, phi, seed, offset, aux = ctx.saved_tensors
-    needs = [bool(n) for n in ctx.needs_input_grad[:4]]
-    if grad_y is None or not any(needs):
-        return (None,) * 16
-    with backends.use(ctx.backend):  # the forward's backend, even outside its `use` block
-        dx, dw, db, dphi = gated_conv2d_backward_op(grad_y, x, weight, bias, phi, seed, offset, aux, *ctx.rest, needs)
-    return tuple(g if need else None for g, need in zip((dx, dw, db, dphi), needs)) + (None,) * 12
-
-
-gated_conv2d_op.register_autograd(_backward, setup_context=_setup)
+register_layer_autograd(gated_conv2d_op, gated_conv2d_backward_op)
 
 
 # ---- public function --------------------------------------------------------------------------

@@ -18,10 +18,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from npn_kernels import backends
 from npn_kernels.gates import BINARY, check_gate
 from npn_kernels.ops.gated_linear import reference
-from npn_kernels.ops.gates.apply import LayerGates, check_tensor, halves
+from npn_kernels.ops.gates.apply import LayerGates, check_tensor, halves, register_layer_autograd
 from npn_kernels.ops.rng import rng_tensors
 
 # Structured binary gates skip closed units by gathering the open ones into a smaller GEMM when
@@ -209,24 +208,7 @@ def _(grad_y, x, weight, bias, phi, seed, offset, aux, family, params, granulari
     return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
 
 
-def _setup(ctx, inputs, output):
-    x, weight, bias, phi, seed, offset, *rest = inputs
-    ctx.save_for_backward(x, weight, bias, phi, seed, offset, output[1])
-    ctx.rest = rest
-    ctx.backend = backends.select(x.device)
-
-
-def _backward(ctx, grad_y, _grad_aux):
-    x, weight, bias, phi, seed, offset, aux = ctx.saved_tensors
-    needs = [bool(n) for n in ctx.needs_input_grad[:4]]
-    if grad_y is None or not any(needs):
-        return (None,) * 12
-    with backends.use(ctx.backend):  # the forward's backend, even outside its `use` block
-        dx, dw, db, dphi = gated_linear_backward_op(grad_y, x, weight, bias, phi, seed, offset, aux, *ctx.rest, needs)
-    return tuple(g if need else None for g, need in zip((dx, dw, db, dphi), needs)) + (None,) * 8
-
-
-gated_linear_op.register_autograd(_backward, setup_context=_setup)
+register_layer_autograd(gated_linear_op, gated_linear_backward_op)
 
 
 # ---- public function --------------------------------------------------------------------------

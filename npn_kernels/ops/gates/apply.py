@@ -1,7 +1,8 @@
 """Applying gates inside a layer op, shared by gated_linear and gated_conv2d.
 
 `LayerGates` wraps the gate kernels of the selected backend for one call (one (seed, offset));
-`halves` splits a paired (ARM) batch; `check_tensor` is the layers' argument check.
+`halves` splits a paired (ARM) batch; `check_tensor` is the layers' argument check;
+`register_layer_autograd` is the autograd bookkeeping both layer ops share.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from npn_kernels import backends
 from npn_kernels.ops.gates.function import FLOAT_DTYPES, kernels
 
 
@@ -69,3 +71,29 @@ def check_tensor(name: str, t, dtype=None, device=None) -> Tensor:
     if device is not None and t.device != device:
         raise ValueError(f"{name}: expected device {device} (x's), got {t.device}")
     return t
+
+
+def register_layer_autograd(op, backward_op) -> None:
+    """Autograd of a layer op ``(x, weight, bias, phi, seed, offset, *static) -> (y, aux)``.
+
+    The backward op gets the saved tensors, the static arguments and which of (x, weight, bias,
+    phi) need a gradient, and runs on the forward's backend even outside its `use` block.
+    """
+
+    def setup(ctx, inputs, output):
+        x, weight, bias, phi, seed, offset, *static = inputs
+        ctx.save_for_backward(x, weight, bias, phi, seed, offset, output[1])
+        ctx.static = static
+        ctx.backend = backends.select(x.device)
+
+    def backward(ctx, grad_y, _grad_aux):
+        x, weight, bias, phi, seed, offset, aux = ctx.saved_tensors
+        needs = [bool(n) for n in ctx.needs_input_grad[:4]]
+        none = (None,) * (len(ctx.needs_input_grad) - 4)
+        if grad_y is None or not any(needs):
+            return (None,) * 4 + none
+        with backends.use(ctx.backend):
+            grads = backward_op(grad_y, x, weight, bias, phi, seed, offset, aux, *ctx.static, needs)
+        return tuple(g if need else None for g, need in zip(grads, needs)) + none
+
+    op.register_autograd(backward, setup_context=setup)
