@@ -11,6 +11,7 @@ import ctypes
 import datetime
 import json
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -111,6 +112,13 @@ def machine() -> dict:
     return info
 
 
+def results_name(device: str, date: str | None, small: bool) -> str:
+    """The JSON file name: the device (characters other than letters, digits, '.', '-' and '_'
+    become '_', so a GPU's name is a safe file name), the date unless None, "-small" for a smoke run."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", device)
+    return f"{stem}{'' if date is None else '-' + date}{'-small' if small else ''}.json"
+
+
 def format_table(rows: list[dict]) -> str:
     header = f"{'case':<22}{'row':<5}{'variant':<28}{'median ms':>11}{'ratio':>8}{'GB/s':>8}  targets"
     lines = [header, "-" * len(header)]
@@ -147,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved samples per variant (median taken)")
     parser.add_argument("--min-seconds", type=float, default=0.05, help="minimum duration of one sample")
     parser.add_argument("--out", default=None, help="JSON path (default: bench/results/<device>-<date>.json)")
+    parser.add_argument("--undated", action="store_true",
+                        help="name the default JSON <device>.json: one file per device, replaced by its next run")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--allocator", choices=("default", "keep"), default="default",
                         help="keep: glibc keeps freed memory (see keep_freed_memory); default: as the process starts")
@@ -172,9 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     info = machine()
     info["allocator"] = allocator
-    out = Path(args.out) if args.out else Path(_env.bench_results() or RESULTS_DIR) / (
-        f"{info['device'].replace(' ', '_')}-{info['date'][:10]}{'-small' if args.small else ''}.json"
-    )
+    date = None if args.undated else info["date"][:10]
+    out = Path(args.out) if args.out else Path(_env.bench_results() or RESULTS_DIR) / results_name(info["device"], date, args.small)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "small": args.small, "results": rows}, indent=1) + "\n")
     print(f"wrote {out}")

@@ -19,6 +19,8 @@ ENV_VARS: dict[str, str] = {
     "build then runs only on such CPUs).",
     "NPN_BENCH_RESULTS": "Folder where `npn bench` writes its JSON (default `bench/results/`).",
     "NPN_TEST_SEED": "Base seed of the test suite (default: random, printed in the pytest header).",
+    "NPN_FUZZ_EXAMPLES": "Examples per property of `tests/test_fuzz.py`. Unset: a fixed (derandomized) "
+    "sample sized for CI; a number, e.g. `2000`: that many fresh random examples (a longer fuzz).",
     "TRITON_INTERPRET": "Triton's own switch, read when the kernels are imported: `1` runs the "
     "Triton kernels on CPU tensors (the test suite sets it).",
 }
@@ -63,6 +65,16 @@ def test_seed() -> int:
     """NPN_TEST_SEED, or a fresh random seed when unset."""
     value = os.environ.get("NPN_TEST_SEED", "").strip()
     return int(value) if value else int.from_bytes(os.urandom(4), "little")
+
+
+def fuzz_examples() -> int | None:
+    """NPN_FUZZ_EXAMPLES, or None when unset or empty."""
+    value = os.environ.get("NPN_FUZZ_EXAMPLES", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"NPN_FUZZ_EXAMPLES: expected an int >= 1, got {value!r}")
+    return int(value)
 
 
 def set_variables() -> dict[str, str]:

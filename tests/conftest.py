@@ -13,11 +13,23 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 import npn_kernels as npn  # noqa: E402
 from npn_kernels import _env  # noqa: E402
 
 _SESSION_SEED = _env.test_seed()
+
+# Hypothesis profiles of tests/test_fuzz.py. "ci" (the default): a fixed, derandomized sample, the
+# same examples on every run, sized to keep the file near 30 s on 2 cores. "long": chosen by
+# NPN_FUZZ_EXAMPLES=<n>, n fresh random examples per property, e.g.
+#   NPN_FUZZ_EXAMPLES=2000 python -m pytest tests/test_fuzz.py
+# A failure prints the falsifying example and a @reproduce_failure blob to replay it.
+# Each example draws its own torch seed, so the function-scoped _seed fixture changes nothing in it.
+_FUZZ_COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]}
+settings.register_profile("ci", max_examples=30, derandomize=True, **_FUZZ_COMMON)
+settings.register_profile("long", max_examples=_env.fuzz_examples() or 1, print_blob=True, **_FUZZ_COMMON)
+settings.load_profile("long" if _env.fuzz_examples() else "ci")
 
 
 def pytest_report_header(config):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import npn_kernels as npn
+from bench import runner
 from npn_kernels import cli
 
 
@@ -27,10 +28,20 @@ def test_console_script_runs():
     assert "backends:" in out.stdout
 
 
-def test_bench_runner_writes_ratios(tmp_path, capsys):
-    out = tmp_path / "r.json"
-    assert cli.main(["bench", "-k", "uniforms", "--small", "--rounds", "2", "--min-seconds", "0.001", "--out", str(out)]) == 0
+def test_bench_runner_writes_ratios(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NPN_BENCH_RESULTS", str(tmp_path))
+    assert cli.main(["bench", "-k", "uniforms", "--small", "--rounds", "2", "--min-seconds", "0.001", "--undated"]) == 0
+    (out,) = tmp_path.iterdir()
+    assert out.name == runner.results_name(runner.machine()["device"], None, True)
     data = json.loads(out.read_text())
     rows = {r["variant"]: r for r in data["results"]}
     assert rows["torch.rand"]["ratio"] == 1.0 and rows["reference"]["median_ms"] > 0
     assert "ratio" in capsys.readouterr().out
+
+
+def test_bench_results_name():
+    results_name = runner.results_name
+    assert results_name("cpu", "2026-11-24", False) == "cpu-2026-11-24.json"  # the default, as before --undated
+    assert results_name("cpu", None, True) == "cpu-small.json"
+    assert results_name("NVIDIA H100 80GB HBM3", None, False) == "NVIDIA_H100_80GB_HBM3.json"
+    assert results_name("GPU (a/b)", None, False) == "GPU_a_b_.json"

@@ -1,7 +1,9 @@
-"""Rows C2, C3 and L0: the gated linear layer forward + backward against dense and peer baselines."""
+"""Rows C2, C3 and L0: the gated linear layer forward + backward against dense and peer baselines;
+and, on a GPU, the fused Triton weight-gate kernels against W ⊙ z + cuBLAS (their threshold)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -56,6 +58,62 @@ register(
         baseline="dense nn.Linear",
         make=_c2,
         targets=(Target("cpu", "<=", 1.3), Target("cpu", "<=", 1 / 1.3, versus="torch composition")),
+    )
+)
+
+
+# ---- the fused weight-gate kernels against W ⊙ z + cuBLAS, around FUSE_MAX_ROWS (GPU) -------
+
+
+@contextlib.contextmanager
+def _fuse_max_rows(limit):
+    """Forces ops/gated_linear/triton.py's choice: fused kernels for M <= limit."""
+    from npn_kernels.ops.gated_linear import triton as fused
+
+    saved, fused.FUSE_MAX_ROWS = fused.FUSE_MAX_ROWS, limit
+    try:
+        yield
+    finally:
+        fused.FUSE_MAX_ROWS = saved
+
+
+def _weight_paths(small):
+    """fwd+bwd at M = 16 ... 1024 rows, bf16 4096→4096: dense, and on a GPU both Triton paths
+    (on a CPU only dense, at the small shapes: there is nothing to compare).
+
+    FUSE_MAX_ROWS (128) predicts: fused faster up to M = 128 (one block of rows), W ⊙ z +
+    cuBLAS faster from M = 256 on.
+    """
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    small = small or not cuda
+    k = n = 256 if small else 4096
+    w = (torch.randn(n, k, device=device) / math.sqrt(k)).to(dtype).requires_grad_()
+    b = torch.zeros(n, device=device, dtype=dtype, requires_grad=True)
+    phi = torch.full((n, k), 2.0, device=device, dtype=dtype).requires_grad_()
+    fused = cuda and npn.backends.available()["triton"]
+    variants = {}
+    for m in (16, 128) if small else (16, 128, 256, 1024):
+        x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
+        g = torch.randn(m, n, device=device, dtype=dtype)
+        variants[f"dense M={m}"] = lambda x=x, g=g: grads(F.linear(x, w, b), (x, w, b), g)
+        for path, limit in (("fused", m), ("W*z+cuBLAS", 0)) if fused else ():
+
+            def run(x=x, g=g, limit=limit):
+                with npn.backends.use("triton"), _fuse_max_rows(limit):
+                    return grads(npn.ops.gated_linear(x, w, b, phi, HC, "weight", seed=7, offset=0), (x, w, b, phi), g)
+
+            variants[f"{path} M={m}"] = run
+    return variants
+
+
+register(
+    Case(
+        name="gated_linear_weight",
+        row="",
+        description="HardConcrete weight gates fwd+bwd, bf16 4096->4096, M=16..1024: fused Triton vs W*z+cuBLAS (GPU)",
+        baseline="dense M=128",
+        make=_weight_paths,
     )
 )
 

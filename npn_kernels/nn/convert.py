@@ -7,7 +7,8 @@ import fnmatch
 import torch
 from torch import nn
 
-from npn_kernels.nn.modules import GatedConv2d, GatedLinear
+from npn_kernels.gates import check_gate
+from npn_kernels.nn.modules import GRANULARITIES, GatedConv2d, GatedLinear, check_module
 
 
 def _selected(name: str, include, exclude) -> bool:
@@ -59,14 +60,19 @@ def convert(model: nn.Module, *, gate, granularity, include=None, exclude=None, 
     Only the exact types are converted: subclasses (e.g. MultiheadAttention's out_proj, whose
     owner reads its weight directly) are left alone. Returns ``model``.
     """
+    check_module(model)
+    check_gate(gate)  # checked up front: a model with no Linear / Conv2d would never build a layer that checks it
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity: expected one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     include, exclude = _patterns("include", include), _patterns("exclude", exclude)
-    targets = [(name, m) for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
-    for name, module in targets:
-        if not _selected(name, include, exclude):
-            continue
-        if not name:
-            raise ValueError("model: is itself an nn.Linear / nn.Conv2d; build a GatedLinear / GatedConv2d instead")
-        new = _gated(module, name, gate, granularity, layer_kwargs)
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m) in (nn.Linear, nn.Conv2d) and _selected(name, include, exclude)]  # fmt: skip
+    if any(not name for name, _ in targets):
+        raise ValueError("model: is itself an nn.Linear / nn.Conv2d; build a GatedLinear / GatedConv2d instead")
+    # every new layer is built before the first is swapped in: a layer that cannot be converted
+    # (or a bad layer keyword) raises with the model untouched
+    replacements = [(name, _gated(module, name, gate, granularity, layer_kwargs)) for name, module in targets]
+    for name, new in replacements:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
     return model

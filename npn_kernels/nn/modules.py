@@ -15,16 +15,17 @@ layers in training, and advances nothing).
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
 
 from npn_kernels import ops
 from npn_kernels.gates import Binary, HardConcrete, check_gate, compute_dtype
+from npn_kernels.ops.gates.function import FLOAT_DTYPES
 
 GRANULARITIES = ("weight", "in", "out")
 # Louizos et al.'s initial drop rate: phi = log(1 - d) - log(d) + N(0, 1e-2) (= N(0, 1e-2) at d = 0.5)
@@ -57,6 +58,14 @@ def _active_count(init_active, units: int) -> int:
     if not 0 < init_active <= 1:
         raise ValueError(f"init_active: expected a fraction in (0, 1], got {init_active!r}")
     return max(1, round(float(init_active) * units))
+
+
+def _fits(value, tensor: Tensor) -> bool:
+    """Whether torch's load_state_dict would copy ``value`` into ``tensor`` (it also takes a [1]
+    entry for a 0-dim tensor: checkpoints from torch 0.3)."""
+    if not torch.overrides.is_tensor_like(value):
+        return False
+    return value.shape == tensor.shape or (tensor.dim() == 0 and tuple(value.shape) == (1,))
 
 
 class GatedModule(nn.Module):
@@ -99,14 +108,43 @@ class GatedModule(nn.Module):
             self.phi.fill_(ACTIVE_PHI / self.init_k)
         self.phi.view(-1)[active:] = HIBERNATING_PHI / self.init_k
 
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # fmt: skip
+        """All or nothing: torch copies every entry whose shape fits and only reports the others, so
+        a checkpoint of another width would leave this layer with its own weight beside the
+        checkpoint's seed, offset and allocated (and phi, where phi's shape is unchanged)."""
+        args = (local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        own = {prefix + name: t for name, t in itertools.chain(self._parameters.items(), self._buffers.items())
+               if t is not None and name not in self._non_persistent_buffers_set}  # fmt: skip
+        present = [key for key in own if key in state_dict]
+        fitting = {key for key in present if _fits(state_dict[key], own[key])}
+        if len(fitting) == len(present):
+            super()._load_from_state_dict(state_dict, prefix, *args)
+            return
+        # torch reports the misfits in its own words; the fitting entries are withheld, not copied
+        withheld = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k not in fitting}
+        known = len(missing_keys)
+        super()._load_from_state_dict(withheld, prefix, *args)
+        missing_keys[known:] = [k for k in missing_keys[known:] if k not in fitting]  # withheld is not missing
+
     # ---- forward -------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Tensor):  # named here: the op would blame the layer's weight for x's dtype or device
+            if x.dtype != self.weight.dtype:
+                raise TypeError(f"x: expected dtype {self.weight.dtype} (the layer's weight), got {x.dtype}")
+            if x.device != self.weight.device:
+                raise ValueError(f"x: expected device {self.weight.device} (the layer's weight), got {x.device}")
         if self.replay is not None and self.training:  # evaluation draws nothing: nothing to replay
             offset, rows = self.replay.pop(0)
             return self._replay(x, offset, rows)
-        # the op keeps its offset tensor for the backward: hand it a copy, then advance the buffer
-        offset = self.offset.clone()
+        # the op keeps its offset tensor for the backward: hand it a copy, then advance the buffer.
+        # Not .clone(): inductor drops a clone of a graph input that the graph then mutates
+        # (pytorch#198131), and the compiled backward would regenerate the gates at the advanced
+        # offset; "+ 0" is kept, as inductor does not fold arithmetic on a mutated input.
+        offset = self.offset + 0
         paired = self.paired and self.training
         if paired and isinstance(self.gate, Binary):
             y = self._op(x, offset, paired=True)
@@ -202,6 +240,20 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
+def _int_pair(name: str, value, minimum: int) -> tuple[int, int]:
+    values = (value, value) if isinstance(value, numbers.Integral) else value if isinstance(value, (tuple, list)) else ()
+    if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum
+                               for v in values):  # fmt: skip
+        raise ValueError(f"{name}: expected an int >= {minimum} or a pair of them, got {value!r}")
+    return int(values[0]), int(values[1])
+
+
+def _factory(device, dtype) -> dict:
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected None or a float16, bfloat16, float32 or float64 dtype, got {dtype}")
+    return {"device": device, "dtype": dtype}
+
+
 class GatedLinear(GatedModule):
     """nn.Linear with gates on its weights, inputs ("in", default) or outputs ("out").
 
@@ -213,7 +265,7 @@ class GatedLinear(GatedModule):
     def __init__(self, in_features, out_features, bias=True, *, gate=DEFAULT_GATE, granularity="in", noise="batch",
                  init_active=None, l0=0.0, weight_decay=0.0, init_k=7.0, device=None, dtype=None):  # fmt: skip
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
+        factory = _factory(device, dtype)
         self.in_features = _positive_int("in_features", in_features)
         self.out_features = _positive_int("out_features", out_features)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
@@ -260,14 +312,19 @@ class GatedConv2d(GatedModule):
                  gate=DEFAULT_GATE, granularity="out", noise="batch", init_active=None, l0=0.0, weight_decay=0.0,
                  init_k=7.0, device=None, dtype=None):  # fmt: skip
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
+        factory = _factory(device, dtype)
         self.in_channels = _positive_int("in_channels", in_channels)
         self.out_channels = _positive_int("out_channels", out_channels)
         self.groups = _positive_int("groups", groups)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups: expected a divisor of in_channels and out_channels, got {groups}")
-        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.kernel_size = _int_pair("kernel_size", kernel_size, 1)
+        self.stride, self.dilation = _int_pair("stride", stride, 1), _int_pair("dilation", dilation, 1)
+        if isinstance(padding, str) and padding not in ("same", "valid"):
+            raise ValueError(f"padding: expected 'same', 'valid', an int >= 0 or a pair of them, got {padding!r}")
+        if padding == "same" and self.stride != (1, 1):
+            raise ValueError(f"padding: 'same' needs stride 1 (as nn.Conv2d), got stride {self.stride}")
+        self.padding = padding if isinstance(padding, str) else _int_pair("padding", padding, 0)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         _reset_like_torch(self.weight, self.bias)
@@ -310,9 +367,15 @@ class GatedConv2d(GatedModule):
         return s + ", " + self._gates_repr()
 
 
+def check_module(model, name: str = "model") -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name}: expected a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
 def gated_modules(model: nn.Module) -> list[GatedModule]:
     """Every gated layer of ``model`` (through wrappers such as DDP: model.modules())."""
-    return [m for m in model.modules() if isinstance(m, GatedModule)]
+    return [m for m in check_module(model).modules() if isinstance(m, GatedModule)]
 
 
 def penalty(model: nn.Module) -> Tensor:

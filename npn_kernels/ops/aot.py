@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Every module that defines Triton kernels; the AOT check and its test walk this list.
-KERNEL_MODULES: tuple[str, ...] = ("npn_kernels.ops.uniforms.triton", "npn_kernels.ops.gates.triton")
+KERNEL_MODULES: tuple[str, ...] = (
+    "npn_kernels.ops.uniforms.triton",
+    "npn_kernels.ops.gates.triton",
+    "npn_kernels.ops.gated_linear.triton",
+)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from torch import Tensor, fx, nn
 
 from npn_kernels.tools.folding import folded_layer, unit_masks, warn_training
 from npn_kernels.tools.graph import Plan, is_layer, plan, trace
-from npn_kernels.nn.modules import GatedModule
+from npn_kernels.nn.modules import GatedModule, check_module
 
 SOURCE_CLASS = "Exported"
 
@@ -156,7 +156,7 @@ def export(model: nn.Module) -> fx.GraphModule:
     Raises ExportError (a RuntimeError naming the node and the reason) when torch.fx cannot
     trace the model, e.g. data-dependent control flow; :func:`npn_kernels.fold` is the fallback.
     """
-    warn_training(model, "export")
+    warn_training(check_module(model), "export")
     return build(model)[0]
 
 

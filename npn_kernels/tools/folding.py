@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from npn_kernels.gates import compute_dtype
-from npn_kernels.nn.modules import GatedConv2d, GatedLinear, GatedModule
+from npn_kernels.nn.modules import GatedConv2d, GatedLinear, GatedModule, check_module
 from npn_kernels.ops.gates.reference import gates as _reference_gates
 
 
@@ -130,7 +130,7 @@ def fold(model: nn.Module) -> nn.Module:
     since evaluation gates are folded, never random ones. Works on any model, traceable or not:
     it is the fallback when :func:`npn_kernels.export` cannot trace a model.
     """
-    warn_training(model, "fold")
+    warn_training(check_module(model), "fold")
     return fold_inplace(copy.deepcopy(model))
 
 

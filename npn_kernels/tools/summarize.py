@@ -11,7 +11,7 @@ from torch import nn
 
 from npn_kernels.tools.exporting import build
 from npn_kernels.tools.graph import ExportError
-from npn_kernels.nn.modules import GatedConv2d, GatedModule
+from npn_kernels.nn.modules import GatedConv2d, GatedModule, check_module
 
 COLUMNS = [("name", "layer"), ("type", "type"), ("granularity", "gran"), ("units", "active/total"),
            ("params", "params"), ("params_export", "params(export)"), ("flops", "MACs"),
@@ -103,7 +103,13 @@ def summary(model: nn.Module, input_shape=None) -> Summary:
     computed by running the export planner (tracing); for a model torch.fx cannot trace it is
     None and ``note`` says why. ``model`` is untouched.
     """
-    gated = [(n, m) for n, m in model.named_modules() if isinstance(m, GatedModule)]
+    gated = [(n, m) for n, m in check_module(model).named_modules() if isinstance(m, GatedModule)]
+    if input_shape is not None and (
+        not isinstance(input_shape, (tuple, list)) or len(input_shape) < 1
+        or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in input_shape)
+    ):  # fmt: skip
+        raise ValueError(f"input_shape: expected None or a batch's shape of ints >= 1, e.g. (1, 1, 28, 28), "
+                         f"got {input_shape!r}")  # fmt: skip
     shapes = _flop_shapes(model, input_shape) if input_shape is not None else {}
     note, exported = None, None
     try:

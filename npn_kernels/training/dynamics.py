@@ -9,13 +9,13 @@ import torch
 from torch import Tensor, nn
 
 from npn_kernels.gates import Binary
-from npn_kernels.nn.modules import GatedModule
+from npn_kernels.nn.modules import GatedModule, check_module
 
 
 def set_k(model: nn.Module, k: float) -> None:
     """Give every Binary-gated layer of ``model`` the gate Binary(k); hard-concrete layers are untouched."""
     gate = Binary(k)  # validates k (>= 0, inf allowed)
-    for m in model.modules():
+    for m in check_module(model).modules():
         if isinstance(m, GatedModule) and isinstance(m.gate, Binary):
             m.gate = gate
 
@@ -34,7 +34,7 @@ class PlasticitySchedule:
     """
 
     def __init__(self, model: nn.Module, stage1: int, stage2: int, k: float):
-        self.model = model
+        self.model = check_module(model)
         self.stage1, self.stage2 = _epoch("stage1", stage1), _epoch("stage2", stage2)
         if self.stage2 < self.stage1:
             raise ValueError(f"stage2: expected an end epoch >= stage1 ({stage1}), got {stage2}")
@@ -79,6 +79,10 @@ class Expander:
             raise ValueError(f"fill: expected a finite number, got {fill!r}")
         if isinstance(units_per_step, bool) or not isinstance(units_per_step, numbers.Integral) or units_per_step < 1:
             raise ValueError(f"units_per_step: expected an int >= 1, got {units_per_step!r}")
+        # duck-typed: wrappers (Lightning's, ZeRO's) hand out a torch optimizer's .state
+        if optimizer is not None and not isinstance(getattr(optimizer, "state", None), dict):
+            raise TypeError(f"optimizer: expected None or a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        check_module(model)
         self.model, self.fill, self.optimizer, self.units_per_step = model, float(fill), optimizer, int(units_per_step)
         self.best = math.inf
 
@@ -100,7 +104,12 @@ class Expander:
 
     def step(self, val_loss: float) -> dict[str, list[int]]:
         """{layer name: woken unit indices} (empty when the loss did not improve or nothing could wake)."""
-        val_loss = float(val_loss)
+        try:
+            val_loss = float(val_loss)
+        except (TypeError, ValueError):
+            raise TypeError(f"val_loss: expected a number or a one-element tensor, got {val_loss!r}") from None
+        if math.isnan(val_loss):  # would count as "no improvement" and hide a diverged run
+            raise ValueError("val_loss: expected a number, got nan")
         if not val_loss < self.best:
             return {}
         self.best = val_loss

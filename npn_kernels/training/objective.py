@@ -122,6 +122,29 @@ def objective(model: nn.Module, loss_fn, inputs: Tensor, target, *, average: boo
     with model.modules()).
     """
     modules = gated_modules(model)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn: expected a callable loss_fn(output, target), got {type(loss_fn).__name__}")
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"inputs: expected the batch as a tensor [B, ...], got {type(inputs).__name__}")
+    with _counters_kept_on_error(modules):
+        return _objective(model, modules, loss_fn, inputs, target, average)
+
+
+@contextlib.contextmanager
+def _counters_kept_on_error(modules: list[GatedModule]) -> Iterator[None]:
+    """An objective that raises (a bad loss_fn, a layer deeper in the model rejecting its input)
+    leaves the layers' noise counters where they were: the failed step drew no gates."""
+    offsets = [m.offset.clone() for m in modules]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for m, offset in zip(modules, offsets):
+                m.offset.copy_(offset)
+        raise
+
+
+def _objective(model, modules, loss_fn, inputs, target, average) -> Tensor:
     layers = _arm_layers(modules)
     if not layers:
         return _scalar(loss_fn(model(inputs), target)) + penalty(model)

@@ -265,10 +265,33 @@ def test_deepcopy_pickle_and_weights_only_state_dict():
     assert int(fresh[0].allocated) == 3
 
 
-def test_wrong_width_checkpoint_names_parameter():
-    state = npn.GatedLinear(6, 4).state_dict()
-    with pytest.raises(RuntimeError, match="size mismatch for weight"):
-        npn.GatedLinear(6, 5).load_state_dict(state)
+@pytest.mark.parametrize("granularity", ["in", "out"])
+def test_wrong_width_checkpoint_names_shapes_and_loads_nothing(granularity):
+    state = npn.GatedLinear(10, 20, granularity=granularity).state_dict()
+    target = npn.GatedLinear(10, 30, granularity=granularity, init_active=5)  # phi, seed, allocated all differ
+    before = copy.deepcopy(target.state_dict())
+    for strict in (True, False):  # a size mismatch is an error either way
+        with pytest.raises(RuntimeError) as info:
+            target.load_state_dict(state, strict=strict)
+        message = str(info.value)
+        assert "size mismatch for weight: copying a param with shape torch.Size([20, 10]) from checkpoint" in message
+        assert "the shape in current model is torch.Size([30, 10])" in message
+        # "in" gates: phi keeps its shape [10] and is not a misfit
+        assert ("size mismatch for phi: copying a param with shape torch.Size([20])" in message) == (granularity == "out")
+        for name, value in target.state_dict().items():  # torch alone would have copied phi, seed, offset, allocated
+            assert torch.equal(value, before[name]), name
+    with pytest.raises(RuntimeError, match="size mismatch for 1.weight"):  # the keys carry the model's prefix
+        nn.Sequential(nn.ReLU(), target).load_state_dict({"1." + k: v for k, v in state.items()})
+    assert torch.equal(target.seed, before["seed"])
+
+
+def test_misfit_checkpoint_still_reports_missing_keys():
+    state = npn.GatedLinear(10, 20, granularity="out").state_dict()
+    del state["seed"]
+    with pytest.raises(RuntimeError) as info:
+        npn.GatedLinear(10, 30, granularity="out").load_state_dict(state)
+    # seed only: offset and allocated fit and are withheld (not copied), which is not missing
+    assert 'Missing key(s) in state_dict: "seed". ' in str(info.value)
 
 
 def test_unit_masks():

@@ -180,44 +180,91 @@ def test_k_inf_is_deterministic_without_nan():
     assert values[0] == values[1] == values[2] and torch.isfinite(values[0])
 
 
-def _train(model, optimizer, batches):
+def _train(model, optimizer, batches, budget=None):
     for x, target in batches:
         optimizer.zero_grad()
-        npn.objective(model, F.cross_entropy, x, target).backward()
+        loss = npn.objective(model, F.cross_entropy, x, target)
+        (loss if budget is None else loss + budget.loss()).backward()
         optimizer.step()
+        if budget is not None:
+            budget.step()
+
+
+def _resumable():
+    """Both gate families, both layer kinds, batch and example noise, hibernating units to wake."""
+    return nn.Sequential(
+        npn.GatedConv2d(2, 4, 3, padding=1, noise="example", init_active=2, l0=0.01),  # Binary, "out" gates
+        nn.ReLU(),
+        nn.Flatten(),
+        npn.GatedLinear(36, 5, gate=npn.HardConcrete(), granularity="weight", l0=0.01, weight_decay=0.01),
+        nn.ReLU(),
+        npn.GatedLinear(5, 3, gate=K7, l0=0.05),
+    )
+
+
+def _epochs(parts, batches, val, epochs):
+    """NPN's loop: per epoch the schedule's k, two steps, and in stage 2 the expansion rule."""
+    model, optimizer, budget, schedule, expander = parts
+    woken = []
+    for epoch in epochs:
+        schedule.step(epoch)
+        model.train()
+        _train(model, optimizer, batches[2 * epoch : 2 * epoch + 2], budget)
+        if schedule.stage1 <= epoch < schedule.stage2:
+            model.eval()
+            with torch.no_grad():
+                woken.append(expander.step(F.cross_entropy(model(val[0]), val[1])))
+    return woken
 
 
 @pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
 def test_resume_from_checkpoint_is_bit_exact(backend):
+    """Stopped after epoch 1 (mid stage 2, k = 1) and resumed into fresh objects from a
+    weights_only checkpoint, training ends bit for bit where the uninterrupted run does."""
     torch.manual_seed(0)
-    batches = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(6)]
+    batches = [(torch.randn(8, 2, 3, 3), torch.randint(0, 3, (8,))) for _ in range(8)]
+    val = torch.randn(8, 2, 3, 3), torch.randint(0, 3, (8,))
 
     def fresh():
-        model = nn.Sequential(_mlp(), npn.GatedLinear(3, 3, gate=npn.HardConcrete(), l0=0.01))
-        return model, torch.optim.Adam(model.parameters(), lr=0.05)
+        model = _resumable()
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+        budget = npn.BudgetController(model, 0.5, lr=0.05)
+        # the schedule has no state: step(epoch) sets k from the epoch alone
+        schedule = npn.PlasticitySchedule(model, stage1=1, stage2=3, k=1.0)
+        return model, optimizer, budget, schedule, npn.Expander(model, optimizer=optimizer)
 
     with npn.backends.use(backend):
         torch.manual_seed(1)
-        model, optimizer = fresh()
-        start = copy.deepcopy(model.state_dict())
-        _train(model, optimizer, batches)
+        whole = fresh()
+        start = copy.deepcopy(whole[0].state_dict())
+        woken = _epochs(whole, batches, val, range(4))
 
         torch.manual_seed(1)
-        first, first_opt = fresh()
-        _train(first, first_opt, batches[:3])
+        first = fresh()
+        woken_first = _epochs(first, batches, val, range(2))
+        model, optimizer, budget, _, expander = first
         buf = io.BytesIO()
-        torch.save({"model": first.state_dict(), "optimizer": first_opt.state_dict()}, buf)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "budget": budget.state_dict(),
+                    "expander": expander.state_dict()}, buf)  # fmt: skip
         buf.seek(0)
         torch.manual_seed(2)  # a different seed: everything must come from the checkpoint
-        resumed, resumed_opt = fresh()
+        resumed = fresh()
         checkpoint = torch.load(buf, weights_only=True)
-        resumed.load_state_dict(checkpoint["model"])
-        resumed_opt.load_state_dict(checkpoint["optimizer"])
-        _train(resumed, resumed_opt, batches[3:])
+        resumed_model, resumed_optimizer, resumed_budget, _, resumed_expander = resumed
+        resumed_model.load_state_dict(checkpoint["model"])
+        resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+        resumed_budget.load_state_dict(checkpoint["budget"])
+        resumed_expander.load_state_dict(checkpoint["expander"])
+        assert resumed_expander.best == expander.best < INF
+        woken_resumed = _epochs(resumed, batches, val, range(2, 4))
 
-    for name, value in resumed.state_dict().items():
-        assert torch.equal(value, model.state_dict()[name]), name
-    assert not torch.equal(start["0.0.phi"], model.state_dict()["0.0.phi"])
+    assert woken_first[0] == {"0": [2]}  # the expansion (and its optimizer-state reset) ran before the stop
+    assert woken == woken_first + woken_resumed
+    for name, value in resumed_model.state_dict().items():
+        assert torch.equal(value, whole[0].state_dict()[name]), name
+    assert torch.equal(resumed_budget.lambdas, whole[2].lambdas)
+    for name in ("0.phi", "5.phi"):  # the Binary gates learned: ARM's gradients reached phi
+        assert not torch.equal(start[name], whole[0].state_dict()[name]), name
 
 
 def test_bad_loss():

@@ -29,6 +29,7 @@ from torch import Tensor
 from npn_kernels.gates import BINARY, check_gate
 from npn_kernels.ops.gated_conv2d import reference
 from npn_kernels.ops.gates.apply import LayerGates, check_tensor, halves, register_layer_autograd
+from npn_kernels.ops.gates.function import check_finite, check_flag
 from npn_kernels.ops.rng import rng_tensors
 
 # Structured binary gates gather the open channels into a smaller conv when fewer than this
@@ -288,7 +289,7 @@ def gated_conv2d_backward_op(
     cp = (stride, padding, dilation, groups)
     grads = _kernel_backward(grad_y, x, weight, bias, phi, seed, offset, aux if aux.dim() == 4 else None, cp,
                              family, params, granularity, training, example, paired, needs)  # fmt: skip
-    return tuple(t.new_empty(0) if g is None else g for t, g in zip((x, weight, phi, phi), grads))
+    return tuple(t.new_empty(0) if g is None else g for t, g in zip((x, weight, x, phi), grads))
 
 
 @gated_conv2d_backward_op.register_fake
@@ -296,8 +297,9 @@ def _(grad_y, x, weight, bias, phi, seed, offset, aux, stride, padding, dilation
       training, example, paired, needs):  # fmt: skip
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x)) if needs[0] else None
     shapes = (None, weight.shape, (weight.shape[0],) if bias is not None else (0,), phi.shape)
+    # dphi in phi's dtype, which may differ from x's (float32 phi, bfloat16 activations)
     return (x.new_empty(0) if dx is None else dx,) + tuple(
-        x.new_empty(shape if need else (0,)) for shape, need in zip(shapes[1:], needs[1:])
+        t.new_empty(shape if need else (0,)) for t, shape, need in zip((x, x, phi), shapes[1:], needs[1:])
     )
 
 
@@ -365,8 +367,9 @@ def gated_conv2d(
     weight = check_tensor("weight", weight, x.dtype, x.device)
     if bias is not None:
         bias = check_tensor("bias", bias, x.dtype, x.device)
-    phi = check_tensor("phi", phi, device=x.device)
+    phi = check_finite("phi", check_tensor("phi", phi, device=x.device))
     gate = check_gate(gate)
+    training, paired = check_flag("training", training), check_flag("paired", paired)
     if granularity not in reference.GRANULARITIES:
         raise ValueError(f"granularity: expected one of {', '.join(reference.GRANULARITIES)}, got {granularity!r}")
     if noise not in ("batch", "example"):
@@ -396,6 +399,9 @@ def gated_conv2d(
     if paired and (gate.family != BINARY or not training or x.shape[0] % 2):
         raise ValueError("paired: needs Binary gates in training and an even batch (the doubled batch)")
     seed_t, offset_t = rng_tensors(seed, offset, x.device)
+    # An empty batch has no examples to draw gates for: the batch-noise path gives the same empty y
+    # and zero gradients, where the example path cannot view 0 examples as [0, -1, ...].
+    example = noise == "example" and x.shape[0] > 0
     y, _ = gated_conv2d_op(x, weight, bias, phi, seed_t, offset_t, *cp, gate.family, list(gate.params), granularity,
-                           bool(training), noise == "example", bool(paired))  # fmt: skip
+                           training, example, paired)  # fmt: skip
     return y

@@ -18,9 +18,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from npn_kernels import backends
 from npn_kernels.gates import BINARY, check_gate
 from npn_kernels.ops.gated_linear import reference
 from npn_kernels.ops.gates.apply import LayerGates, check_tensor, halves, register_layer_autograd
+from npn_kernels.ops.gates.function import check_finite, check_flag
 from npn_kernels.ops.rng import rng_tensors
 
 # Structured binary gates skip closed units by gathering the open ones into a smaller GEMM when
@@ -42,9 +44,23 @@ def _open_units(z: Tensor) -> Tensor | None:
     return idx if idx.numel() < COMPACT_BELOW * z.numel() else None
 
 
+def _fused(x: Tensor):
+    """The fused weight-gate GEMMs of triton.py when the backend is Triton and x [M, K] is small
+    enough for them (see its FUSE_MAX_ROWS), else None."""
+    if backends.select(x.device) != "triton":
+        return None
+    from npn_kernels.ops.gated_linear import triton as fused
+
+    return fused if fused.fuses(x) else None
+
+
 def _kernel_forward_half(g: LayerGates, x, weight, bias, granularity, hard_concrete, antithetic):
     """(y [M, N], y before the gates for hard-concrete "out" gates or None) for one half."""
     m, n = x.shape[0], weight.shape[0]
+    if granularity == "weight" and (fused := _fused(x)) is not None:
+        y = x.new_empty(m, n)
+        fused.gated_linear(x, weight, bias, g.phi, *g.args, antithetic, y)
+        return y, None
     if granularity == "weight":
         return torch.nn.functional.linear(x, g.mul(weight.contiguous().view(1, -1, 1), antithetic).view_as(weight), bias), None
     if g.example:
@@ -86,7 +102,11 @@ def _kernel_backward(grad_y, x, weight, bias, phi, seed, offset, aux, family, pa
     g = LayerGates(phi, seed, offset, family, params, training, example)
     dx = dw = dphi = None
     db = dy.sum(0) if need_b and bias is not None else None
-    if granularity == "weight":
+    if granularity == "weight" and (fused := _fused(x1)) is not None:
+        dx, dw, dphi = (torch.empty(t.shape, dtype=t.dtype, device=t.device) if need else None
+                        for t, need in ((x1, need_x), (weight, need_w), (g.phi, need_phi)))  # fmt: skip
+        fused.gated_linear_backward(dy, x1, weight, g.phi, *g.args, dx, dw, dphi)
+    elif granularity == "weight":
         w = weight.contiguous().view(1, -1, 1)
         gw = (dy.t() @ x1).view(1, -1, 1) if (need_w or need_phi) else torch.zeros_like(w)
         dw, dphi, wz = g.mul_backward(gw, w, need_w, need_phi, need_x)
@@ -199,13 +219,14 @@ def gated_linear_backward_op(
     """(dx, dW, db, dphi); an input that needs no gradient gets an empty [0] tensor."""
     grads = _kernel_backward(grad_y.contiguous(), x, weight, bias, phi, seed, offset, aux if aux.dim() == 2 else None,
                              family, params, granularity, training, example, paired, needs)  # fmt: skip
-    return tuple(t.new_empty(0) if g is None else g for t, g in zip((x, weight, phi, phi), grads))
+    return tuple(t.new_empty(0) if g is None else g for t, g in zip((x, weight, x, phi), grads))
 
 
 @gated_linear_backward_op.register_fake
 def _(grad_y, x, weight, bias, phi, seed, offset, aux, family, params, granularity, training, example, paired, needs):
     shapes = (x.shape, weight.shape, (weight.shape[0],) if bias is not None else (0,), phi.shape)
-    return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+    # dphi in phi's dtype, which may differ from x's (float32 phi, bfloat16 activations)
+    return tuple(t.new_empty(shape if need else (0,)) for t, shape, need in zip((x, x, x, phi), shapes, needs))
 
 
 register_layer_autograd(gated_linear_op, gated_linear_backward_op)
@@ -241,8 +262,9 @@ def gated_linear(
     weight = check_tensor("weight", weight, x.dtype, x.device)
     if bias is not None:
         bias = check_tensor("bias", bias, x.dtype, x.device)
-    phi = check_tensor("phi", phi, device=x.device)
+    phi = check_finite("phi", check_tensor("phi", phi, device=x.device))
     gate = check_gate(gate)
+    training, paired = check_flag("training", training), check_flag("paired", paired)
     if granularity not in reference.GRANULARITIES:
         raise ValueError(f"granularity: expected one of {', '.join(reference.GRANULARITIES)}, got {granularity!r}")
     if noise not in ("batch", "example"):
@@ -263,6 +285,9 @@ def gated_linear(
     if paired and (gate.family != BINARY or not training or x2.shape[0] % 2):
         raise ValueError("paired: needs Binary gates in training and an even number of rows (the doubled batch)")
     seed_t, offset_t = rng_tensors(seed, offset, x.device)
+    # An empty batch has no rows to draw gates for: the batch-noise path gives the same empty y
+    # and zero gradients, where the example path cannot view 0 rows as [0, -1, ...].
+    example = noise == "example" and x2.shape[0] > 0
     y, _ = gated_linear_op(x2, weight, bias, phi, seed_t, offset_t, gate.family, list(gate.params), granularity,
-                           bool(training), noise == "example", bool(paired))  # fmt: skip
+                           training, example, paired)  # fmt: skip
     return y.view(*x.shape[:-1], n)

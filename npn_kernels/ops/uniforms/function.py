@@ -40,5 +40,9 @@ def uniforms(n: int, *, seed, offset, device: torch.device | str = "cpu") -> Ten
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n: expected an int >= 0, got {n!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's message lists device types, never the argument
+        raise ValueError(f"device: expected a torch.device or a device string such as 'cpu', got {device!r}") from None
     seed_t, offset_t = rng_tensors(seed, offset, device)
     return uniforms_op(n, seed_t, offset_t)

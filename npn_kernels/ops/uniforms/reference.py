@@ -50,7 +50,9 @@ def words(n: int, seed: Tensor | int, offset: Tensor | int, device=None) -> Tens
     zero = torch.zeros_like(counters)
     key_lo = seed & MASK32
     key_hi = seed >> 32
-    out = philox4x32(counters & MASK32, counters >> 32, zero, zero, key_lo, key_hi)
+    # counters past 2^63 wrap to negative int64 (as uint64 ones wrap in the kernels): the mask
+    # keeps the high word unsigned where an arithmetic shift would sign-extend it
+    out = philox4x32(counters & MASK32, (counters >> 32) & MASK32, zero, zero, key_lo, key_hi)
     return torch.stack(out, dim=1).reshape(-1)[:n]
 
 

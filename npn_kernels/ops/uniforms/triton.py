@@ -39,6 +39,22 @@ def uniform_block(seed, offset, start, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def uniform_rows(seed, offset, starts, BLOCK: tl.constexpr):
+    """[R, BLOCK]: row r holds noise elements ``starts[r]`` ... ``starts[r] + BLOCK - 1``.
+
+    :func:`uniform_block` for R runs at once (starts [R] int64, starts and BLOCK multiples of 4):
+    a tile of a row-major gate matrix whose row length is a multiple of 4.
+    """
+    c = (starts >> 2)[:, None] + tl.arange(0, BLOCK // 4).to(tl.int64)[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, offset + c)
+    u0 = tl.uint_to_uniform_float(r0)
+    u1 = tl.uint_to_uniform_float(r1)
+    u2 = tl.uint_to_uniform_float(r2)
+    u3 = tl.uint_to_uniform_float(r3)
+    return tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), (c.shape[0], BLOCK))
+
+
+@triton.jit
 def _uniforms_kernel(out_ptr, n, seed_ptr, offset_ptr, BLOCK: tl.constexpr):
     """out[n] float32; each program writes BLOCK elements from BLOCK // 4 Philox counters."""
     pid = tl.program_id(0).to(tl.int64)
