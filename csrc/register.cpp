@@ -16,6 +16,8 @@ TORCH_LIBRARY_IMPL(npn_ext, CPU, m) {
   m.impl("l0_penalty_backward", &npn::cpu::l0_penalty_backward);
   m.impl("gate_mul", &npn::cpu::gate_mul);
   m.impl("gate_mul_backward", &npn::cpu::gate_mul_backward);
+  m.impl("hc_gate_mul", &npn::cpu::hc_gate_mul);
+  m.impl("hc_gate_mul_backward", &npn::cpu::hc_gate_mul_backward);
 }
 
 // Scalar-only ops carry no tensor to dispatch on.

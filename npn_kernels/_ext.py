@@ -42,6 +42,16 @@ _LIB.define(
     "float[] params, bool training, bool example, Tensor(a!)? grad_a, Tensor(b!)? grad_phi, "
     "Tensor(c!)? a_gated) -> ()"
 )
+# HardConcrete weight gates keeping their sample s = sigmoid((logit u + phi) / beta), CPU only
+# (csrc/cpu/hc_gate_mul.cpp): a, phi, out, s [P]; the backward reads s instead of the noise.
+_LIB.define(
+    "hc_gate_mul(Tensor a, Tensor phi, Tensor seed, Tensor offset, float[] params, Tensor(a!) out, "
+    "Tensor(b!) s) -> ()"
+)
+_LIB.define(
+    "hc_gate_mul_backward(Tensor grad, Tensor a, Tensor s, Tensor phi, float[] params, Tensor(a!)? grad_a, "
+    "Tensor(b!)? grad_phi, Tensor(c!)? a_gated) -> ()"
+)
 _LIB.define("build_info() -> str")
 _LIB.define("parallel_threads(int n) -> int")
 

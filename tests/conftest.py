@@ -45,6 +45,24 @@ def _seed(request):
     yield seed
 
 
+@pytest.fixture(autouse=True)
+def _gpu_backend_device(request):
+    """Tests of the GPU backends on the GPU. Where CUDA is available, a test that runs the cuda or
+    triton backend (marked gpu or triton: tests/helpers.py backend_params puts those marks on the
+    "cuda" and "triton" parameters, and tests calling the Triton launchers directly carry the
+    triton mark) runs inside ``torch.device("cuda")``: torch's default device is CUDA for the test
+    and the previous default comes back after it. Tensors made without ``device=`` (torch.randn,
+    torch.tensor, ...) then land on the GPU; tests pass ``torch.get_default_device()`` where a
+    device must be named (rng_tensors), and helpers.poisoned follows the default device.
+    Without CUDA nothing changes: the triton tests run on CPU tensors under TRITON_INTERPRET=1."""
+    gpu_test = any(request.node.get_closest_marker(name) is not None for name in ("gpu", "triton"))
+    if not (gpu_test and torch.cuda.is_available()):
+        yield
+        return
+    with torch.device("cuda"):
+        yield
+
+
 _MARKER_NEEDS = {
     "ext": lambda: (npn.backends.available()["cpu"], npn.backends.reasons().get("cpu")),
     "triton": lambda: (npn.backends.available()["triton"], npn.backends.reasons().get("triton")),

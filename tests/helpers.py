@@ -42,8 +42,9 @@ def assert_close(
     torch.testing.assert_close(actual, expected, rtol=rtol * factor, atol=atol * factor, **kw)
 
 
-def poisoned(shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """An output buffer a kernel must overwrite: NaN for floats, the max value for integers."""
+def poisoned(shape, dtype=torch.float32, device=None) -> torch.Tensor:
+    """An output buffer a kernel must overwrite: NaN for floats, the max value for integers; on
+    ``device``, else torch's default device (CUDA in the GPU backends' tests, tests/conftest.py)."""
     if dtype.is_floating_point:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.full(shape, torch.iinfo(dtype).max, dtype=dtype, device=device)

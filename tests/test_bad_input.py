@@ -169,6 +169,11 @@ CASES = [
     bad("gated_linear-noise-weight", lambda w: _linear(w, noise="example", granularity="weight", phi=w.w), ValueError,
         r"noise: 'example' needs granularity 'in' or 'out'"),
     bad("gated_linear-phi-nan", lambda w: _linear(w, phi=_nan(w.phi)), ValueError, r"phi: expected finite values"),
+    # hard-concrete weight gates on the CPU kernels: checked inside hc_gate_mul's sampling pass
+    bad("gated_linear-weight-phi-nan", lambda w: _linear(w, granularity="weight", phi=_nan(torch.zeros_like(w.w))), ValueError,
+        r"phi: expected finite values, got 1 NaN or infinite of"),
+    bad("gated_linear-weight-phi-inf", lambda w: _linear(w, granularity="weight", phi=torch.zeros_like(w.w).fill_(-INF)), ValueError,
+        r"phi: expected finite values"),
     bad("gated_linear-gate", lambda w: _linear(w, gate=7.0), TypeError, r"gate: expected npn.Binary"),
     bad("gated_linear-seed-negative", lambda w: _linear(w, seed=-1), ValueError, r"seed: expected an int in \[0"),
     bad("gated_linear-seed-2**63", lambda w: _linear(w, seed=2**63), ValueError, r"seed: expected an int in \[0"),

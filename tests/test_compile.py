@@ -154,20 +154,21 @@ def _conv(granularity, x_dtype):
     return x, weight, None, torch.randn(phi_shape)
 
 
-LAYERS = {"gated_linear": (_linear, ()), "gated_conv2d": (_conv, CONV)}
+LINEAR, CONV2D = "gated_linear", "gated_conv2d"
+LAYERS = {LINEAR: (_linear, ()), CONV2D: (_conv, CONV)}
 
 
-def _layer_backward(layer, family, granularity, *, example=False, paired=False, needs=(True,) * 4, x_dtype=F32):
+def _layer_backward(layer, family, granularity, *, example=False, paired=False, needs=(True,) * 4, x_dtype=F32,
+                    keep_sample=False):  # fmt: skip
     """Arguments of a layer's backward op (phi float32), its aux from the forward op on the same inputs."""
     make, conv = LAYERS[layer]
     x, weight, bias, phi = make(granularity, x_dtype)
     seed, offset = _rng()
-    static = (*FAMILIES[family], granularity, True, example, paired)
+    static = (*FAMILIES[family], granularity, True, example, paired) + ((keep_sample,) if layer == LINEAR else ())
     y, aux = getattr(torch.ops.npn, layer).default(x, weight, bias, phi, seed, offset, *conv, *static)
     return (torch.randn_like(y), x, weight, bias, phi, seed, offset, aux, *conv, *static, list(needs))
 
 
-LINEAR, CONV2D = "gated_linear", "gated_conv2d"
 # the "_bf16" cases: float32 phi with bfloat16 activations, d phi in phi's dtype (the fakes once said x's)
 OPCHECK_CASES = {
     "npn::sample_gates_backward": {
@@ -185,6 +186,8 @@ OPCHECK_CASES = {
             LINEAR, "binary", "in", example=True, paired=True, needs=(True, True, False, True)
         ),
         "hc_weight_bf16": lambda: _layer_backward(LINEAR, "hc", "weight", needs=(False, True, True, True), x_dtype=BF16),
+        # the CPU kernels' kept sample s (float32) as aux, bfloat16 activations
+        "hc_weight_kept_bf16": lambda: _layer_backward(LINEAR, "hc", "weight", x_dtype=BF16, keep_sample=True),
     },
     "npn::gated_conv2d_backward": {
         "hc_out_example": lambda: _layer_backward(CONV2D, "hc", "out", example=True),

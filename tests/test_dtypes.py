@@ -1,4 +1,4 @@
-"""The dtype × op × backend grid in one place (README "dtypes"; DESIGN 4).
+"""The dtype × op × backend grid in one place (README "Supported dtypes, backends and limits"; DESIGN 4).
 
 Every op claims float32, float16, bfloat16 and float64 (gate math in float32, float64 for float64),
 on every backend (the CUDA kernels dispatch all four, the Triton ones too). Each cell runs the op

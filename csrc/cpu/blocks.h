@@ -127,11 +127,36 @@ struct GateSource {
   Gate<T> gate;
 };
 
+// s[0, 64): the HardConcrete samples s = sigmoid((logit u + x) / beta) of parameters x[k] (k <
+// len; 0 beyond) and noise elements i0 + k. The one place s is computed in training, so that
+// block_gates and the kernels that keep s (hc_gate_mul.cpp) round it identically.
+template <typename T, typename Phi>
+void block_hc_s(const GateSource<T>& src, int64_t i0, int64_t len, const Phi* x, T* s) {
+  const Gate<T> g = src.gate;  // a local copy: stores to s cannot alias it, so loops vectorize
+  float u[kBlock] = {};
+  T xt[kBlock] = {};
+  block_uniforms(src.seed, src.offset, i0, len, u);
+  for (int64_t k = 0; k < len; ++k) xt[k] = static_cast<T>(x[k]);
+  for (int64_t k = 0; k < kBlock; ++k) s[k] = hc_s(u[k], xt[k], g);
+}
+
 // z[k] (and dz[k] = dz/dphi where dz != nullptr) for k < len <= 64: the gates of parameters
 // x[k] with noise elements i0 + k (no noise in evaluation).
 template <typename T, typename Phi, int64_t F, bool kTrain, bool kAnti>
 void block_gates(const GateSource<T>& src, int64_t i0, int64_t len, const Phi* x, T* z, T* dz) {
   const Gate<T> g = src.gate;  // a local copy: stores to z cannot alias it, so loops vectorize
+  if constexpr (F == kHardConcrete && kTrain) {
+    T sb[kBlock];
+    block_hc_s(src, i0, len, x, sb);
+    T zl[kBlock], dl[kBlock];
+    for (int64_t k = 0; k < kBlock; ++k) {
+      zl[k] = hc_stretch(sb[k], g);
+      dl[k] = hc_dstretch(sb[k], g) * g.inv_beta;
+    }
+    std::copy(zl, zl + len, z);
+    if (dz != nullptr) std::copy(dl, dl + len, dz);
+    return;
+  }
   float u[kBlock] = {};
   T xt[kBlock] = {};
   if constexpr (kTrain) block_uniforms(src.seed, src.offset, i0, len, u);

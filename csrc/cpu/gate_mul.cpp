@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "blocks.h"
+#include "dispatch.h"
 #include "npn/gates.h"
 #include "npn_cpu.h"
 
@@ -130,8 +131,7 @@ template <typename A, typename Phi>
 void gate_mul_kernel(const GateMulIo<A, Phi>& io, const GateSource<at::opmath_type<Phi>>& src,
                      BlockGatesFn<at::opmath_type<Phi>, Phi> gates, bool row_noise) {
   using T = at::opmath_type<Phi>;
-  using M = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<Phi, double>, double,
-                               float>;
+  using M = ProductMath<A, Phi>;
   const int64_t R = io.rows, P = io.units, C = io.cols;
   const bool want_dz = io.grad_phi != nullptr;
   const bool shared = !row_noise && R > 1;
@@ -235,10 +235,6 @@ void gate_mul_kernel(const GateMulIo<A, Phi>& io, const GateSource<at::opmath_ty
   });
 }
 
-bool is_float_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
 // a [R, P, C] and phi [P]: contiguous floating-point CPU tensors.
 void check_inputs(const at::Tensor& a, const at::Tensor& phi) {
   TORCH_CHECK(a.is_cpu() && a.is_contiguous() && a.dim() == 3 && is_float_dtype(a.scalar_type()),
@@ -265,17 +261,6 @@ void check_like(const at::Tensor& t, const at::Tensor& like, const char* name) {
 
 const at::Tensor* optional_output(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? &*t : nullptr;
-}
-
-// Calls f(A{}, Phi{}) with a's and phi's scalar types.
-template <typename Fn>
-void dispatch_pair(const at::Tensor& a, const at::Tensor& phi, Fn&& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, phi.scalar_type(), "gate_mul", [&] {
-    using Phi = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "gate_mul", [&] {
-      f(scalar_t{}, Phi{});
-    });
-  });
 }
 
 }  // namespace

@@ -50,6 +50,15 @@ void gate_mul_backward(const at::Tensor& grad, const at::Tensor& a, const at::Te
                        const std::optional<at::Tensor>& grad_a,
                        const std::optional<at::Tensor>& grad_phi,
                        const std::optional<at::Tensor>& a_gated);
+// HardConcrete weight gates that keep their sample s (csrc/cpu/hc_gate_mul.cpp): a, phi [P].
+void hc_gate_mul(const at::Tensor& a, const at::Tensor& phi, const at::Tensor& seed,
+                 const at::Tensor& offset, c10::ArrayRef<double> params, const at::Tensor& out,
+                 const at::Tensor& s);
+void hc_gate_mul_backward(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& s,
+                          const at::Tensor& phi, c10::ArrayRef<double> params,
+                          const std::optional<at::Tensor>& grad_a,
+                          const std::optional<at::Tensor>& grad_phi,
+                          const std::optional<at::Tensor>& a_gated);
 int64_t parallel_threads(int64_t n);
 
 }  // namespace npn::cpu

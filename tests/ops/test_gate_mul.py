@@ -47,7 +47,8 @@ def _kernels(backend):
 
 def _rng():
     """A fresh (seed, offset) as int64 scalar tensors, drawn from the test's seeded generator."""
-    return rng_tensors(int(torch.randint(0, 2**62, ()).item()), int(torch.randint(0, 2**40, ()).item()), "cpu")
+    seed, offset = int(torch.randint(0, 2**62, ()).item()), int(torch.randint(0, 2**40, ()).item())
+    return rng_tensors(seed, offset, torch.get_default_device())  # CUDA in the GPU run (tests/conftest.py)
 
 
 def _noise(a, seed, offset, training, example):

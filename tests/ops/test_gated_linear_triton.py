@@ -37,7 +37,8 @@ def fused():
 
 
 def _rng():
-    return rng_tensors(int(torch.randint(0, 2**62, ()).item()), int(torch.randint(0, 2**40, ()).item()), "cpu")
+    seed, offset = int(torch.randint(0, 2**62, ()).item()), int(torch.randint(0, 2**40, ()).item())
+    return rng_tensors(seed, offset, torch.get_default_device())  # CUDA in the GPU run (tests/conftest.py)
 
 
 def _inputs(m, k, n, dtype, bias=True):

@@ -93,6 +93,20 @@ def test_dtypes(backend, gate, dtype, layout):
     _check_against_oracle(backend, phi, gate, weight)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate", [npn.Binary(), npn.HardConcrete()], ids=["binary", "hc"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["in", "out"])
+def test_group_sums_of_squares_past_float16_range(backend, gate, dtype, layout):
+    """Structured gates over 300 weights near 20: ||W_g||² ~ 120000 > 65504, float16's largest
+    value. The sums stay in float32 (not inf in float16, not rounded to 8 bits in bfloat16)."""
+    weight = (20 + torch.rand(300, 25)).to(dtype)
+    phi = (torch.randn(1, 25) if layout == "in" else torch.randn(25, 1)).to(dtype)
+    weight = weight if layout == "in" else weight.t()
+    assert weight.float().square().sum().item() / 25 > torch.finfo(torch.float16).max
+    _check_against_oracle(backend, phi, gate, weight)
+
+
 @pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
 @pytest.mark.parametrize("gate", [npn.HardConcrete(), npn.HardConcrete(0.3, -0.5, 1.5), npn.Binary(2.0)])
 @pytest.mark.parametrize("layout", ["linear_weight", "linear_out", "conv_in"])

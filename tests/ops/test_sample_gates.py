@@ -205,7 +205,7 @@ def test_extreme_phi_stays_finite(backend, gate, training):
 def test_launchers_overwrite_every_element(backend, gate, training, shape):
     kernels = _kernels(backend)
     phi = torch.randn(shape[-1:]) * 3
-    seed, offset = rng_tensors(*_rng(), "cpu")
+    seed, offset = rng_tensors(*_rng(), torch.get_default_device())
     params = list(gate.params)
     out = poisoned(shape)
     kernels.sample_gates(phi, seed, offset, gate.family, params, training, out)
@@ -225,7 +225,7 @@ def test_launchers_overwrite_every_element(backend, gate, training, shape):
 @pytest.mark.parametrize("batch", [None, 3], ids=["batch_noise", "example_noise"])
 def test_opcheck(backend, gate, batch):
     phi = torch.randn(4, 5, requires_grad=True)
-    seed, offset = rng_tensors(*_rng(), "cpu")
+    seed, offset = rng_tensors(*_rng(), torch.get_default_device())
     with npn.backends.use(backend):
         torch.library.opcheck(
             torch.ops.npn.sample_gates.default, (phi, seed, offset, gate.family, list(gate.params), True, batch)

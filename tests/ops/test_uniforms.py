@@ -85,7 +85,7 @@ def test_backend_equals_reference_bit_for_bit(backend, seed, offset):
     n = 4097  # not a multiple of 4: the last counter is used partly
     expected = reference.uniforms(n, seed, offset)
     with npn.backends.use(backend):
-        got = npn.ops.uniforms(n, seed=seed, offset=offset)
+        got = npn.ops.uniforms(n, seed=seed, offset=offset, device=torch.get_default_device())
     assert got.dtype == torch.float32 and got.shape == (n,)
     assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
 
@@ -93,7 +93,7 @@ def test_backend_equals_reference_bit_for_bit(backend, seed, offset):
 @pytest.mark.parametrize("backend", backend_params("cpu", "triton"))
 @pytest.mark.parametrize("n", [1, 3, 5, 1023, 1026])
 def test_launcher_overwrites_every_element(backend, n):
-    seed, offset = rng_tensors(2**40 + 3, 17, "cpu")
+    seed, offset = rng_tensors(2**40 + 3, 17, torch.get_default_device())
     out = poisoned((n,))
     if backend == "cpu":
         _ext.ops.uniforms(seed, offset, out)

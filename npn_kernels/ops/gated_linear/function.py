@@ -54,9 +54,13 @@ def _fused(x: Tensor):
     return fused if fused.fuses(x) else None
 
 
-def _kernel_forward_half(g: LayerGates, x, weight, bias, granularity, hard_concrete, antithetic):
-    """(y [M, N], y before the gates for hard-concrete "out" gates or None) for one half."""
+def _kernel_forward_half(g: LayerGates, x, weight, bias, granularity, hard_concrete, antithetic, keep_sample):
+    """(y [M, N], aux or None) for one half; aux: y before the gates for hard-concrete "out" gates,
+    the hard-concrete sample s [N, K] of weight gates with keep_sample."""
     m, n = x.shape[0], weight.shape[0]
+    if keep_sample:
+        wz, s = g.mul_keep_sample(weight.contiguous())
+        return torch.nn.functional.linear(x, wz, bias), s
     if granularity == "weight" and (fused := _fused(x)) is not None:
         y = x.new_empty(m, n)
         fused.gated_linear(x, weight, bias, g.phi, *g.args, antithetic, y)
@@ -83,16 +87,18 @@ def _kernel_forward_half(g: LayerGates, x, weight, bias, granularity, hard_concr
     return y_pre * z, y_pre if hard_concrete else None
 
 
-def _kernel_forward(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired):
+def _kernel_forward(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired, keep_sample):
     g = LayerGates(phi, seed, offset, family, params, training, example)
     hard_concrete = family != BINARY
-    parts = [_kernel_forward_half(g, xh, weight, bias, granularity, hard_concrete, anti) for xh, anti in halves(x, paired)]
+    parts = [_kernel_forward_half(g, xh, weight, bias, granularity, hard_concrete, anti, keep_sample)
+             for xh, anti in halves(x, paired)]  # fmt: skip
     y = torch.cat([p[0] for p in parts]) if paired else parts[0][0]
     aux = parts[0][1]  # the second half of a paired batch gets no gradient: its y_pre is not needed
     return y, aux
 
 
-def _kernel_backward(grad_y, x, weight, bias, phi, seed, offset, aux, family, params, granularity, training, example, paired, needs):
+def _kernel_backward(grad_y, x, weight, bias, phi, seed, offset, aux, family, params, granularity, training, example, paired,
+                     keep_sample, needs):  # fmt: skip
     """(dx, dW, db, dphi) of the first half (the whole batch unless paired); None where not needed."""
     need_x, need_w, need_b, want_phi = needs
     need_phi = want_phi and family != BINARY  # binary gates: no pathwise gradient, a zero d phi
@@ -102,7 +108,15 @@ def _kernel_backward(grad_y, x, weight, bias, phi, seed, offset, aux, family, pa
     g = LayerGates(phi, seed, offset, family, params, training, example)
     dx = dw = dphi = None
     db = dy.sum(0) if need_b and bias is not None else None
-    if granularity == "weight" and (fused := _fused(x1)) is not None:
+    if keep_sample:
+        # dW = G ⊙ z is written over G = dyᵀx (no second [N, K] buffer); W ⊙ z for dx from s
+        gw = dy.t() @ x1 if (need_w or need_phi) else weight.contiguous()
+        dw = gw if need_w else None
+        dphi = torch.empty_like(g.phi) if need_phi else None
+        wz = torch.empty_like(weight) if need_x else None
+        g.mul_backward_kept_sample(gw, weight.contiguous(), aux, dw, dphi, wz)
+        dx = None if wz is None else dy @ wz
+    elif granularity == "weight" and (fused := _fused(x1)) is not None:
         dx, dw, dphi = (torch.empty(t.shape, dtype=t.dtype, device=t.device) if need else None
                         for t, need in ((x1, need_x), (weight, need_w), (g.phi, need_phi)))  # fmt: skip
         fused.gated_linear_backward(dy, x1, weight, g.phi, *g.args, dx, dw, dphi)
@@ -168,9 +182,23 @@ def _kernel_backward(grad_y, x, weight, bias, phi, seed, offset, aux, family, pa
 # ---- the custom ops ---------------------------------------------------------------------------
 
 
-def _aux_shape(x: Tensor, weight: Tensor, family: int, granularity: str) -> tuple[int, ...]:
-    """y before the gates is kept for hard-concrete "out" gates (d phi needs it), else nothing."""
+def _aux_shape(x: Tensor, weight: Tensor, family: int, granularity: str, keep_sample: bool) -> tuple[int, ...]:
+    """What the backward needs besides the inputs: y before the gates for hard-concrete "out"
+    gates (d phi needs it), the sample s [N, K] with keep_sample, else nothing."""
+    if keep_sample:
+        return tuple(weight.shape)
     return (x.shape[0], weight.shape[0]) if granularity == "out" and family != BINARY else (0,)
+
+
+def _aux_dtype(x: Tensor, phi: Tensor, keep_sample: bool) -> torch.dtype:
+    """s is kept in phi's math type (float64 for float64 phi, else float32) so the backward's z is the forward's."""
+    return (torch.float64 if phi.dtype == torch.float64 else torch.float32) if keep_sample else x.dtype
+
+
+def keeps_sample(device: torch.device, family: int, granularity: str, training: bool) -> bool:
+    """Whether a call keeps the hard-concrete weight-gate sample for its backward (CPU kernels,
+    csrc/cpu/hc_gate_mul.cpp: reading s back costs ~0.1 ms per 1M gates where regenerating it costs ~1.8 ms)."""
+    return granularity == "weight" and family != BINARY and training and backends.select(device) == "cpu"
 
 
 @torch.library.custom_op("npn::gated_linear", mutates_args=())
@@ -187,15 +215,18 @@ def gated_linear_op(
     training: bool,
     example: bool,
     paired: bool,
+    keep_sample: bool,
 ) -> tuple[Tensor, Tensor]:
     """(y [M, N], aux) for x [M, K], weight [N, K], bias [N] or None; aux: see _aux_shape."""
-    y, aux = _kernel_forward(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired)
-    return y, y.new_empty(_aux_shape(x, weight, family, granularity)) if aux is None else aux
+    y, aux = _kernel_forward(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired,
+                             keep_sample)  # fmt: skip
+    return y, y.new_empty(_aux_shape(x, weight, family, granularity, keep_sample)) if aux is None else aux
 
 
 @gated_linear_op.register_fake
-def _(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(_aux_shape(x, weight, family, granularity))
+def _(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired, keep_sample):
+    aux = x.new_empty(_aux_shape(x, weight, family, granularity, keep_sample), dtype=_aux_dtype(x, phi, keep_sample))
+    return x.new_empty(x.shape[0], weight.shape[0]), aux
 
 
 @torch.library.custom_op("npn::gated_linear_backward", mutates_args=())
@@ -214,16 +245,18 @@ def gated_linear_backward_op(
     training: bool,
     example: bool,
     paired: bool,
+    keep_sample: bool,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dW, db, dphi); an input that needs no gradient gets an empty [0] tensor."""
     grads = _kernel_backward(grad_y.contiguous(), x, weight, bias, phi, seed, offset, aux if aux.dim() == 2 else None,
-                             family, params, granularity, training, example, paired, needs)  # fmt: skip
+                             family, params, granularity, training, example, paired, keep_sample, needs)  # fmt: skip
     return tuple(t.new_empty(0) if g is None else g for t, g in zip((x, weight, x, phi), grads))
 
 
 @gated_linear_backward_op.register_fake
-def _(grad_y, x, weight, bias, phi, seed, offset, aux, family, params, granularity, training, example, paired, needs):
+def _(grad_y, x, weight, bias, phi, seed, offset, aux, family, params, granularity, training, example, paired, keep_sample,
+      needs):  # fmt: skip
     shapes = (x.shape, weight.shape, (weight.shape[0],) if bias is not None else (0,), phi.shape)
     # dphi in phi's dtype, which may differ from x's (float32 phi, bfloat16 activations)
     return tuple(t.new_empty(shape if need else (0,)) for t, shape, need in zip((x, x, x, phi), shapes, needs))
@@ -262,9 +295,12 @@ def gated_linear(
     weight = check_tensor("weight", weight, x.dtype, x.device)
     if bias is not None:
         bias = check_tensor("bias", bias, x.dtype, x.device)
-    phi = check_finite("phi", check_tensor("phi", phi, device=x.device))
+    phi = check_tensor("phi", phi, device=x.device)
     gate = check_gate(gate)
     training, paired = check_flag("training", training), check_flag("paired", paired)
+    keep = keeps_sample(x.device, gate.family, granularity, training)
+    if not keep:  # hc_gate_mul checks phi in the pass that samples the gates
+        check_finite("phi", phi)
     if granularity not in reference.GRANULARITIES:
         raise ValueError(f"granularity: expected one of {', '.join(reference.GRANULARITIES)}, got {granularity!r}")
     if noise not in ("batch", "example"):
@@ -289,5 +325,5 @@ def gated_linear(
     # and zero gradients, where the example path cannot view 0 rows as [0, -1, ...].
     example = noise == "example" and x2.shape[0] > 0
     y, _ = gated_linear_op(x2, weight, bias, phi, seed_t, offset_t, gate.family, list(gate.params), granularity,
-                           training, example, paired)  # fmt: skip
+                           training, example, paired, keep)  # fmt: skip
     return y.view(*x.shape[:-1], n)

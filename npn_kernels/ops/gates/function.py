@@ -301,12 +301,13 @@ def sample_gates(phi: Tensor, gate, *, seed, offset, training: bool = True, batc
 
 
 def _group_squares(phi: Tensor, weight: Tensor) -> Tensor:
-    """||W_g||^2 per gate: weight squared and summed over the dims phi broadcasts along (phi-shaped)."""
+    """||W_g||^2 per gate: weight squared and summed over the dims phi broadcasts along (phi-shaped),
+    in the math dtype (float32, float64 for float64), and left there: rounded back to float16 a
+    group's sum overflows past 65504 (300 weights of 20.0 give 120000), and bfloat16 would keep 8 bits."""
     lead = weight.dim() - phi.dim()
     dims = list(range(lead)) + [lead + i for i, size in enumerate(phi.shape) if size != weight.shape[lead + i]]
-    # squares summed in float32 (float64 for float64) so float16 groups lose no precision on the way
     squares = weight.to(compute_dtype(weight.dtype)).square().sum(dim=dims, keepdim=True)
-    return squares.reshape(phi.shape).to(phi.dtype)
+    return squares.reshape(phi.shape)
 
 
 def l0_penalty(
@@ -353,7 +354,13 @@ def l0_penalty(
             # W enters only through (wd/2)·||W_g||²: left out, a huge W (||W_g||² = inf) cannot turn
             # 0·inf into NaN; an empty slice of W keeps it in the graph with a zero gradient
             tie = weight.unsqueeze(0).narrow(0, 0, 0).sum()
+        elif phi.shape == weight.shape:
+            arg = weight
         else:
-            arg, sumsq = (weight, False) if phi.shape == weight.shape else (_group_squares(phi, weight), True)
+            # every backend takes phi and the sums in one dtype (the C++ kernels check it): phi
+            # joins the sums in the math dtype, where the kernels run 16-bit phi anyway (exact
+            # cast; its gradient is rounded back to phi's dtype once, as the kernels would)
+            arg, sumsq = _group_squares(phi, weight), True
+            phi = phi.to(arg.dtype)
     penalty = l0_penalty_op(phi, arg, gate.family, list(gate.params), group_size, l0, weight_decay, sumsq)
     return penalty if tie is None else penalty + tie

@@ -1,0 +1,32 @@
+// dtype dispatch shared by the gate-application kernels (gate_mul.cpp, hc_gate_mul.cpp): an
+// activation dtype A and a gate-parameter dtype Phi, each any float dtype.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+
+#include <type_traits>
+
+namespace npn::cpu {
+
+inline bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Calls f(A{}, Phi{}) with a's and phi's scalar types.
+template <typename Fn>
+void dispatch_pair(const at::Tensor& a, const at::Tensor& phi, Fn&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, phi.scalar_type(), "gate_mul", [&] {
+    using Phi = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "gate_mul", [&] {
+      f(scalar_t{}, Phi{});
+    });
+  });
+}
+
+// The math type of a product a z: double if a or phi is double, else float.
+template <typename A, typename Phi>
+using ProductMath = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<Phi, double>, double,
+                                       float>;
+
+}  // namespace npn::cpu
