@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from npn_kernels.gates import BINARY, check_gate
+from npn_kernels.ops import eager
 from npn_kernels.ops.gated_conv2d import reference
 from npn_kernels.ops.gates.apply import LayerGates, check_tensor, halves, register_layer_autograd
 from npn_kernels.ops.gates.function import check_finite, check_flag
@@ -228,7 +229,7 @@ def _aux_shape(x: Tensor, weight: Tensor, cp: ConvArgs, family: int, granularity
     return _out_size(x.shape, weight.shape, cp) if granularity == "out" and family != BINARY else [0]
 
 
-@torch.library.custom_op("npn::gated_conv2d", mutates_args=())
+@eager.custom_op("npn::gated_conv2d")
 def gated_conv2d_op(
     x: Tensor,
     weight: Tensor,
@@ -263,7 +264,7 @@ def _(x, weight, bias, phi, seed, offset, stride, padding, dilation, groups, fam
     return y, torch.empty_like(y) if len(aux_shape) == 4 else x.new_empty(aux_shape)
 
 
-@torch.library.custom_op("npn::gated_conv2d_backward", mutates_args=())
+@eager.custom_op("npn::gated_conv2d_backward")
 def gated_conv2d_backward_op(
     grad_y: Tensor,
     x: Tensor,

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from npn_kernels import backends
+from npn_kernels.ops import eager
 from npn_kernels.gates import BINARY, check_gate
 from npn_kernels.ops.gated_linear import reference
 from npn_kernels.ops.gates.apply import LayerGates, check_tensor, halves, register_layer_autograd
@@ -201,7 +202,7 @@ def keeps_sample(device: torch.device, family: int, granularity: str, training: 
     return granularity == "weight" and family != BINARY and training and backends.select(device) == "cpu"
 
 
-@torch.library.custom_op("npn::gated_linear", mutates_args=())
+@eager.custom_op("npn::gated_linear")
 def gated_linear_op(
     x: Tensor,
     weight: Tensor,
@@ -229,7 +230,7 @@ def _(x, weight, bias, phi, seed, offset, family, params, granularity, training,
     return x.new_empty(x.shape[0], weight.shape[0]), aux
 
 
-@torch.library.custom_op("npn::gated_linear_backward", mutates_args=())
+@eager.custom_op("npn::gated_linear_backward")
 def gated_linear_backward_op(
     grad_y: Tensor,
     x: Tensor,

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from npn_kernels import _ext, backends
+from npn_kernels.ops import eager
 from npn_kernels.gates import BINARY, check_gate, compute_dtype, from_family
 from npn_kernels.ops.gates import reference
 from npn_kernels.ops.rng import rng_tensors
@@ -108,7 +109,7 @@ def _gate_shape(phi: Tensor, batch: Optional[int]) -> tuple[int, ...]:
 # ---- sample_gates ----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("npn::sample_gates", mutates_args=())
+@eager.custom_op("npn::sample_gates")
 def sample_gates_op(
     phi: Tensor, seed: Tensor, offset: Tensor, family: int, params: list[float], training: bool, batch: Optional[int]
 ) -> Tensor:
@@ -123,7 +124,7 @@ def _(phi, seed, offset, family, params, training, batch):
     return phi.new_empty(_gate_shape(phi, batch))
 
 
-@torch.library.custom_op("npn::sample_gates_backward", mutates_args=())
+@eager.custom_op("npn::sample_gates_backward")
 def sample_gates_backward_op(
     grad_z: Tensor, phi: Tensor, seed: Tensor, offset: Tensor, family: int, params: list[float], training: bool
 ) -> Tensor:
@@ -167,7 +168,7 @@ sample_gates_op.register_autograd(_sample_gates_backward, setup_context=_sample_
 # ---- l0_penalty ------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("npn::l0_penalty", mutates_args=())
+@eager.custom_op("npn::l0_penalty")
 def l0_penalty_op(
     phi: Tensor,
     weight: Optional[Tensor],
@@ -188,7 +189,7 @@ def _(phi, weight, family, params, group_size, l0, weight_decay, sumsq):
     return phi.new_empty((), dtype=compute_dtype(phi.dtype))
 
 
-@torch.library.custom_op("npn::l0_penalty_backward", mutates_args=())
+@eager.custom_op("npn::l0_penalty_backward")
 def l0_penalty_backward_op(
     grad: Tensor,
     phi: Tensor,

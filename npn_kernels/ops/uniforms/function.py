@@ -6,11 +6,12 @@ import torch
 from torch import Tensor
 
 from npn_kernels import _ext, backends
+from npn_kernels.ops import eager
 from npn_kernels.ops.rng import rng_tensors
 from npn_kernels.ops.uniforms import reference
 
 
-@torch.library.custom_op("npn::uniforms", mutates_args=())
+@eager.custom_op("npn::uniforms")
 def uniforms_op(n: int, seed: Tensor, offset: Tensor) -> Tensor:
     """float32 [n] on seed's device; seed, offset: int64 scalars."""
     backend = backends.select(seed.device)

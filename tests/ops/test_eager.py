@@ -1,0 +1,97 @@
+"""npn_kernels/ops/eager.py: eager calls run the ops' implementations through one
+torch.autograd.Function; everything that traces goes through the registered custom ops. Both paths
+must give the same bits: forward and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import npn_kernels as npn
+from npn_kernels.ops.rng import rng_tensors
+from tests.helpers import backend_params
+
+HC = [2 / 3, -0.1, 1.1]
+
+
+def _layer_case(granularity, family, paired):
+    x = torch.randn(6 if paired else 5, 9)
+    if paired:
+        x = torch.cat([x[:3], x[:3]])
+    weight, bias = torch.randn(4, 9), torch.randn(4)
+    phi = torch.randn({"weight": (4, 9), "in": (9,), "out": (4,)}[granularity])
+    params = HC if family == 1 else [3.0]
+    return (x, weight, bias, phi), (family, params, granularity, True, False, paired)
+
+
+CASES = {
+    "hc_weight": lambda: _layer_case("weight", 1, False),
+    "hc_out": lambda: _layer_case("out", 1, False),
+    "binary_in_paired": lambda: _layer_case("in", 0, True),
+}
+
+
+def _grads(call, leaves, *rest):
+    leaves = [t.clone().requires_grad_() for t in leaves]
+    y = call(*leaves, *rest)
+    y = y[0] if isinstance(y, tuple) else y
+    grads = torch.autograd.grad(y, leaves, torch.ones_like(y), allow_unused=True)
+    return [y.detach(), *grads], y.grad_fn
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
+def test_layer_eager_path_equals_custom_op(case, backend):
+    from npn_kernels.ops.gated_linear.function import gated_linear_op, keeps_sample
+
+    leaves, (family, params, granularity, training, example, paired) = CASES[case]()
+    seed, offset = rng_tensors(3, 17, "cpu")
+    with npn.backends.use(backend):
+        keep = keeps_sample(leaves[0].device, family, granularity, training)
+        static = (seed, offset, family, params, granularity, training, example, paired, keep)
+        eager, eager_fn = _grads(gated_linear_op, leaves, *static)
+        op, op_fn = _grads(torch.ops.npn.gated_linear.default, leaves, *static)
+    assert type(eager_fn).__name__.startswith("EagerBackwardFor_npn_gated_linear")
+    assert type(op_fn).__name__.startswith("GeneratedBackwardFor_npn_gated_linear")
+    for a, b in zip(eager, op):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
+def test_gate_ops_eager_path_equals_custom_op(backend):
+    from npn_kernels.ops.gates.function import l0_penalty_op, sample_gates_op
+
+    phi, weight = torch.randn(3, 5), torch.randn(3, 5)
+    seed, offset = rng_tensors(8, 2, "cpu")
+    with npn.backends.use(backend):
+        for eager_op, name, args in (
+            (sample_gates_op, "sample_gates", (seed, offset, 1, HC, True, 2)),
+            (l0_penalty_op, "l0_penalty", (1, HC, 1.0, 0.3, 0.2, False)),
+        ):
+            leaves = [phi] if name == "sample_gates" else [phi, weight]
+            eager, _ = _grads(eager_op, leaves, *args)
+            op, _ = _grads(getattr(torch.ops.npn, name).default, leaves, *args)
+            for a, b in zip(eager, op):
+                assert torch.equal(a, b), name
+
+
+def test_traced_calls_take_the_custom_op():
+    """Under a dispatch mode (fake tensors here; proxy tensors in make_fx and AOTAutograd) the
+    implementation, which calls compiled kernels, must not run: the op's fake does."""
+    from npn_kernels.ops.gated_linear.function import gated_linear_op
+
+    leaves, static = CASES["hc_out"]()
+    seed, offset = rng_tensors(3, 17, "cpu")
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (*leaves, seed, offset)]
+        y, aux = gated_linear_op(*fake, *static, False)
+    assert y.shape == (5, 4) and aux.shape == (5, 4)
+
+
+def test_no_grad_needed_runs_the_implementation():
+    from npn_kernels.ops.gated_linear.function import gated_linear_op
+
+    leaves, static = CASES["hc_out"]()
+    y, _ = gated_linear_op(*leaves, *rng_tensors(3, 17, "cpu"), *static, False)
+    assert y.grad_fn is None and not y.requires_grad
