@@ -88,9 +88,27 @@ def _kernel_forward_half(g: LayerGates, x, weight, bias, granularity, hard_concr
     return y_pre * z, y_pre if hard_concrete else None
 
 
+def _paired_structured(g: LayerGates, x, weight, bias, granularity):
+    """y of a whole paired batch in one GEMM for structured batch-noise gates: x ⊙ [z; z'] or
+    (x Wᵀ + b) ⊙ [z; z'] (one 256-row GEMM instead of two of 128 and a cat: ~0.1 ms per layer at
+    784→300); None when either half is sparse enough to compact (then each half gathers its own)."""
+    z = torch.stack([g.vector(False), g.vector(True)]).to(x.dtype)  # [2, P]
+    if any(_open_units(half) is not None for half in z):
+        return None
+    m = x.shape[0] // 2
+    if granularity == "in":
+        return torch.nn.functional.linear((x.view(2, m, -1) * z.unsqueeze(1)).view_as(x), weight, bias)
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y.view(2, m, -1).mul_(z.unsqueeze(1)).view_as(y)
+
+
 def _kernel_forward(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired, keep_sample):
     g = LayerGates(phi, seed, offset, family, params, training, example)
     hard_concrete = family != BINARY
+    if paired and not example and granularity != "weight":
+        y = _paired_structured(g, x, weight, bias, granularity)
+        if y is not None:
+            return y, None  # paired gates are Binary: no aux
     parts = [_kernel_forward_half(g, xh, weight, bias, granularity, hard_concrete, anti, keep_sample)
              for xh, anti in halves(x, paired)]  # fmt: skip
     y = torch.cat([p[0] for p in parts]) if paired else parts[0][0]
@@ -145,13 +163,13 @@ def _kernel_backward(grad_y, x, weight, bias, phi, seed, offset, aux, family, pa
         idx = _open_units(z)
         if granularity == "in":
             if idx is None:
-                dxz = dy @ weight
+                dxz = dy @ weight if (need_x or need_phi) else None  # a first layer needs neither
                 dx = dxz * z if need_x else None
                 dw = dy.t() @ (x1 * z) if need_w else None
                 dphi = g.vector_backward((dxz * x1).sum(0)) if need_phi else None
             else:
                 zo, xo = z[idx], x1.index_select(1, idx)
-                dxz = dy @ weight.index_select(1, idx)  # [M, open]
+                dxz = dy @ weight.index_select(1, idx) if (need_x or need_phi) else None  # [M, open]
                 if need_x:
                     dx = x1.new_zeros(x1.shape)
                     dx[:, idx] = dxz * zo
