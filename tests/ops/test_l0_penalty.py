@@ -26,6 +26,8 @@ LAYOUTS = {
     "linear_out": ((40, 1), (40, 25)),
     "conv_out": ((8, 1, 1, 1), (8, 3, 3, 3)),
     "conv_in": ((1, 3, 1, 1), (8, 3, 3, 3)),
+    # phi's dims of size > 1 not one block of the weight's: the groups are gathered, not viewed
+    "conv_out_kh": ((8, 1, 3, 1), (8, 3, 3, 3)),
 }
 L0, WD = 0.3, 0.7
 # The interpreter's numpy exp overflows to inf on sigmoid(-7e4); the result, 0, is what we want.
@@ -178,10 +180,12 @@ def test_launchers_overwrite_every_element(backend, gate, weight_kind, n):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gate", [npn.Binary(), npn.HardConcrete()], ids=["binary", "hc"])
-@pytest.mark.parametrize("weight_kind", ["none", "weight", "sumsq"])
+@pytest.mark.parametrize("weight_kind", ["none", "weight", "sumsq", "grouped"])
 def test_opcheck(backend, gate, weight_kind):
     phi = torch.randn(4, 5, requires_grad=True)
-    weight = {"none": None, "weight": torch.randn(4, 5), "sumsq": torch.rand(4, 5) * 3}[weight_kind]
+    # grouped: W [A, P, B] with P = phi.numel(), the op sums each group's squares itself
+    weight = {"none": None, "weight": torch.randn(4, 5), "sumsq": torch.rand(4, 5) * 3,
+              "grouped": torch.randn(3, 20, 2)}[weight_kind]  # fmt: skip
     if weight is not None:
         weight.requires_grad_()
     args = (phi, weight, gate.family, list(gate.params), 2.0, L0, WD, weight_kind == "sumsq")

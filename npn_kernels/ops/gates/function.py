@@ -12,6 +12,7 @@ noise tensor) have no op here: gated layers call them through :func:`_kernels`.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional
 
@@ -179,9 +180,21 @@ def l0_penalty_op(
     weight_decay: float,
     sumsq: bool,
 ) -> Tensor:
-    """0-dim penalty, float64 for float64 phi, else float32; weight None or phi-shaped."""
+    """0-dim penalty, float64 for float64 phi, else float32. weight: None; phi-shaped (q = W², or q =
+    weight itself with sumsq); or grouped [A, P, B] with P = phi.numel(): q_p = sum_ab W[a, p, b]²."""
+    if weight is not None and weight.shape != phi.shape:
+        phi, weight = _grouped(phi, weight)
+        sumsq = True
     weight = None if weight is None else weight.contiguous()
     return kernels(phi.device).l0_penalty(phi.contiguous(), weight, family, params, group_size, l0, weight_decay, sumsq)
+
+
+def _grouped(phi: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(phi, q) for grouped weights [A, P, B]: q_p = sum_ab W[a, p, b]² in the math dtype (float32;
+    float64 for float64), phi-shaped, and phi cast to it (the kernels take both in one dtype; an
+    exact cast). Summed in float16 a group overflows past 65504 (300 weights of 20.0: 120000)."""
+    q = weight.to(compute_dtype(weight.dtype)).square().sum(dim=(0, 2)).view(phi.shape)
+    return phi.to(q.dtype), q
 
 
 @l0_penalty_op.register_fake
@@ -203,6 +216,13 @@ def l0_penalty_backward_op(
 ) -> tuple[Tensor, Tensor]:
     """(grad_phi, grad_weight): phi's and weight's dtype, phi-shaped; grad_weight is empty [0]
     when weight is None (a custom op cannot return None)."""
+    if weight is not None and weight.shape != phi.shape:
+        # grouped [A, P, B]: the kernel's sumsq gradient dL/dq_p, then dL/dW = 2 W dL/dq_p in one
+        # broadcast multiply (the autograd of W.square().sum() took ~0.2 ms per 784x300 layer)
+        phi_q, q = _grouped(phi, weight)
+        grad_phi_q, grad_q = l0_penalty_backward_op(grad, phi_q, q, family, params, group_size, l0, weight_decay, True)
+        grad_weight = weight * (2 * grad_q).view(1, -1, 1)
+        return grad_phi_q.to(phi.dtype), grad_weight.to(weight.dtype)
     grad_phi = torch.empty_like(phi, memory_format=torch.contiguous_format)
     grad_weight = None if weight is None else torch.empty_like(weight, memory_format=torch.contiguous_format)
     weight = None if weight is None else weight.contiguous()
@@ -301,14 +321,24 @@ def sample_gates(phi: Tensor, gate, *, seed, offset, training: bool = True, batc
     return sample_gates_op(phi, seed_t, offset_t, gate.family, list(gate.params), training, batch)
 
 
-def _group_squares(phi: Tensor, weight: Tensor) -> Tensor:
-    """||W_g||^2 per gate: weight squared and summed over the dims phi broadcasts along (phi-shaped),
-    in the math dtype (float32, float64 for float64), and left there: rounded back to float16 a
-    group's sum overflows past 65504 (300 weights of 20.0 give 120000), and bfloat16 would keep 8 bits."""
+def _group_view(phi: Tensor, weight: Tensor) -> Tensor:
+    """weight viewed [A, P, B] with P = phi.numel(), so that phi's gate p owns W[:, p, :]: phi's
+    dims of size > 1 (aligned right on weight's) form one block, which the layers' group shapes
+    ((1, K), (N, 1), (C_out, 1, 1, 1), (1, C_in, 1, 1)) all do. Another broadcast pattern (phi
+    (N, 1, kh, 1) against a conv weight) is written out by expanding phi's index map instead."""
     lead = weight.dim() - phi.dim()
-    dims = list(range(lead)) + [lead + i for i, size in enumerate(phi.shape) if size != weight.shape[lead + i]]
-    squares = weight.to(compute_dtype(weight.dtype)).square().sum(dim=dims, keepdim=True)
-    return squares.reshape(phi.shape)
+    full = (1,) * lead + tuple(phi.shape)
+    spans = [d for d, size in enumerate(full) if size != 1]
+    if phi.numel() == 0:  # then weight is empty too (phi broadcasts to it)
+        return weight.reshape(1, 0, 0)
+    if not spans:
+        return weight.reshape(1, 1, -1)
+    first, last = spans[0], spans[-1]
+    if any(full[d] != weight.shape[d] for d in range(first, last + 1)):  # broadcast inside the block
+        index = torch.arange(phi.numel(), device=phi.device).view(full).expand(weight.shape).reshape(-1)
+        order = index.argsort(stable=True)
+        return weight.reshape(-1)[order].view(1, phi.numel(), -1)
+    return weight.reshape(math.prod(weight.shape[:first]), phi.numel(), -1)
 
 
 def l0_penalty(
@@ -357,11 +387,7 @@ def l0_penalty(
             tie = weight.unsqueeze(0).narrow(0, 0, 0).sum()
         elif phi.shape == weight.shape:
             arg = weight
-        else:
-            # every backend takes phi and the sums in one dtype (the C++ kernels check it): phi
-            # joins the sums in the math dtype, where the kernels run 16-bit phi anyway (exact
-            # cast; its gradient is rounded back to phi's dtype once, as the kernels would)
-            arg, sumsq = _group_squares(phi, weight), True
-            phi = phi.to(arg.dtype)
+        else:  # the op sums each group's squares and writes dW itself (see _grouped)
+            arg = _group_view(phi, weight)
     penalty = l0_penalty_op(phi, arg, gate.family, list(gate.params), group_size, l0, weight_decay, sumsq)
     return penalty if tie is None else penalty + tie
