@@ -152,7 +152,12 @@ def _objective(model, modules, loss_fn, inputs, target, average) -> Tensor:
         return _two_passes(model, modules, layers, loss_fn, inputs, target, average)
     rows = inputs.shape[0]
     with _objective_pass(modules, paired=True) as draws:
-        out = model(torch.cat([inputs, inputs]))
+        try:
+            out = model(torch.cat([inputs, inputs]))
+        except (ValueError, TypeError, RuntimeError) as exc:  # a shape in the message has 2·B rows
+            exc.add_note(f"(raised in npn.objective's paired pass: the model saw [inputs; inputs], {2 * rows} rows "
+                         f"for a batch of {rows})")  # fmt: skip
+            raise
     f = _scalar(loss_fn(tree_map(lambda t: t[:rows], out), target))
     f2 = _scalar(loss_fn(tree_map(lambda t: t[rows:], out), target)).detach()
     return f + penalty(model) + _surrogate(layers, draws, f2 - f.detach())

@@ -294,3 +294,13 @@ def test_replayed_antithetic_pass_matches_paired_op(kind, granularity, noise):
     npn.objective(two_pass, F.cross_entropy, x, target, average=True).backward()
     assert_close(two_pass[0].phi.grad, paired[0].phi.grad)
     assert torch.equal(two_pass[0].offset, paired[0].offset)
+
+
+def test_paired_pass_error_says_the_batch_was_doubled():
+    """A layer rejecting x inside ARM's paired pass names 2·B rows: a note says why."""
+    model = nn.Sequential(npn.GatedLinear(5, 3))
+    offset = model[0].offset.clone()
+    with pytest.raises(ValueError, match=r"x: expected shape \[\.\.\., 5\].*\(8, 6\)") as info:
+        npn.objective(model, F.cross_entropy, torch.randn(4, 6), torch.zeros(4, dtype=torch.long))
+    assert any("paired pass" in note and "8 rows for a batch of 4" in note for note in info.value.__notes__)
+    assert torch.equal(model[0].offset, offset)

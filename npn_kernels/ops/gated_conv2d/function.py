@@ -109,10 +109,10 @@ def _forward_half(g: LayerGates, x, weight, bias, cp, granularity, hard_concrete
         return F.conv2d(x, wz, bias, *cp), None
     if g.example:
         if granularity == "in":
-            xz = g.mul(x.contiguous().view(b, c_in, -1), antithetic).view(x.shape)
+            xz = g.mul(x.contiguous().view(b, c_in, x.shape[2] * x.shape[3]), antithetic).view(x.shape)
             return F.conv2d(xz, weight, bias, *cp), None
         y_pre = F.conv2d(x, weight, bias, *cp)
-        y = g.mul(y_pre.contiguous().view(b, y_pre.shape[1], -1), antithetic).view(y_pre.shape)
+        y = g.mul(y_pre.contiguous().view(b, y_pre.shape[1], y_pre.shape[2] * y_pre.shape[3]), antithetic).view(y_pre.shape)
         return y, y_pre if hard_concrete else None
     z = g.vector(antithetic).to(x.dtype)
     zc = z.view(1, -1, 1, 1)
@@ -170,17 +170,18 @@ def _kernel_backward(grad_y, x, weight, bias, phi, seed, offset, aux, cp, family
         dx = _conv_backward(dy, x1, wz.view(weight.shape), cp, True, False)[0] if need_x else None
     elif example:
         if granularity == "in":
-            xa = x1.contiguous().view(m, c_in, -1)
+            xa = x1.contiguous().view(m, c_in, x1.shape[2] * x1.shape[3])  # explicit: B may be 0
             if need_x or need_phi:
                 dxz = _conv_backward(dy, x1, weight, cp, True, False)[0]
-                dx, dphi, xz = g.mul_backward(dxz.contiguous().view(m, c_in, -1), xa, need_x, need_phi, need_w)
+                dx, dphi, xz = g.mul_backward(dxz.contiguous().view(xa.shape), xa, need_x, need_phi, need_w)
                 dx = None if dx is None else dx.view(x1.shape)
             elif need_w:
                 xz = g.mul(xa, False)
             dw = _conv_backward(dy, xz.view(x1.shape), weight, cp, False, True)[1] if need_w else None
         else:
             a = aux if aux is not None else dy  # binary: y_pre is not needed (no d phi)
-            dy_pre, dphi, _ = g.mul_backward(dy.contiguous().view(m, c_out, -1), a.contiguous().view(m, c_out, -1),
+            hw = dy.shape[2] * dy.shape[3]
+            dy_pre, dphi, _ = g.mul_backward(dy.contiguous().view(m, c_out, hw), a.contiguous().view(m, c_out, hw),
                                              True, need_phi, False)  # fmt: skip
             dy_pre = dy_pre.view(dy.shape)
             dx, dw = _conv_backward(dy_pre, x1, weight, cp, need_x, need_w)
@@ -400,9 +401,7 @@ def gated_conv2d(
     if paired and (gate.family != BINARY or not training or x.shape[0] % 2):
         raise ValueError("paired: needs Binary gates in training and an even batch (the doubled batch)")
     seed_t, offset_t = rng_tensors(seed, offset, x.device)
-    # An empty batch has no examples to draw gates for: the batch-noise path gives the same empty y
-    # and zero gradients, where the example path cannot view 0 examples as [0, -1, ...].
-    example = noise == "example" and x.shape[0] > 0
+    example = noise == "example"
     y, _ = gated_conv2d_op(x, weight, bias, phi, seed_t, offset_t, *cp, gate.family, list(gate.params), granularity,
                            training, example, paired)  # fmt: skip
     return y

@@ -70,7 +70,7 @@ def _kernel_forward_half(g: LayerGates, x, weight, bias, granularity, hard_concr
         return torch.nn.functional.linear(x, g.mul(weight.contiguous().view(1, -1, 1), antithetic).view_as(weight), bias), None
     if g.example:
         if granularity == "in":
-            xz = g.mul(x.contiguous().view(m, -1, 1), antithetic).view_as(x)
+            xz = g.mul(x.contiguous().view(m, x.shape[1], 1), antithetic).view_as(x)
             return torch.nn.functional.linear(xz, weight, bias), None
         y_pre = torch.nn.functional.linear(x, weight, bias)
         return g.mul(y_pre.view(m, n, 1), antithetic).view(m, n), y_pre if hard_concrete else None
@@ -148,12 +148,14 @@ def _kernel_backward(grad_y, x, weight, bias, phi, seed, offset, aux, family, pa
     elif example:
         if granularity == "in":
             dxz = dy @ weight
-            dx, dphi, xz = g.mul_backward(dxz.view(m, -1, 1), x1.contiguous().view(m, -1, 1), need_x, need_phi, need_w)
+            k = x1.shape[1]  # explicit sizes: a view of 0 rows as [0, -1, 1] is ambiguous
+            dx, dphi, xz = g.mul_backward(dxz.view(m, k, 1), x1.contiguous().view(m, k, 1), need_x, need_phi, need_w)
             dx = None if dx is None else dx.view_as(x1)
             dw = None if xz is None else dy.t() @ xz.view_as(x1)
         else:
             a = aux if aux is not None else dy  # binary: y_pre is not needed (no d phi)
-            dy_pre, dphi, _ = g.mul_backward(dy.contiguous().view(m, -1, 1), a.contiguous().view(m, -1, 1), True, need_phi, False)
+            n = dy.shape[1]
+            dy_pre, dphi, _ = g.mul_backward(dy.contiguous().view(m, n, 1), a.contiguous().view(m, n, 1), True, need_phi, False)
             dy_pre = dy_pre.view_as(dy)
             db = dy_pre.sum(0) if need_b and bias is not None else None
             dx = dy_pre @ weight if need_x else None
@@ -340,9 +342,7 @@ def gated_linear(
     if paired and (gate.family != BINARY or not training or x2.shape[0] % 2):
         raise ValueError("paired: needs Binary gates in training and an even number of rows (the doubled batch)")
     seed_t, offset_t = rng_tensors(seed, offset, x.device)
-    # An empty batch has no rows to draw gates for: the batch-noise path gives the same empty y
-    # and zero gradients, where the example path cannot view 0 rows as [0, -1, ...].
-    example = noise == "example" and x2.shape[0] > 0
+    example = noise == "example"
     y, _ = gated_linear_op(x2, weight, bias, phi, seed_t, offset_t, gate.family, list(gate.params), granularity,
                            training, example, paired, keep)  # fmt: skip
     return y.view(*x.shape[:-1], n)
