@@ -12,6 +12,7 @@ TORCH_LIBRARY_IMPL(npn_ext, CPU, m) {
   m.impl("philox4x32", &npn::cpu::philox4x32);
   m.impl("sample_gates", &npn::cpu::sample_gates);
   m.impl("sample_gates_backward", &npn::cpu::sample_gates_backward);
+  m.impl("sample_gates_backward_from_z", &npn::cpu::sample_gates_backward_from_z);
   m.impl("l0_penalty", &npn::cpu::l0_penalty);
   m.impl("l0_penalty_backward", &npn::cpu::l0_penalty_backward);
   m.impl("gate_mul", &npn::cpu::gate_mul);

@@ -22,6 +22,8 @@ _LIB.define(
     "sample_gates_backward(Tensor grad_z, Tensor phi, Tensor seed, Tensor offset, int family, "
     "float[] params, bool training, Tensor(a!) grad_phi) -> ()"
 )
+# Training HardConcrete only, CPU: d phi from the forward's z (float32/float64) instead of the noise.
+_LIB.define("sample_gates_backward_from_z(Tensor grad_z, Tensor z, float[] params, Tensor(a!) grad_phi) -> ()")
 _LIB.define(
     "l0_penalty(Tensor phi, Tensor? weight, int family, float[] params, float group_size, float l0, "
     "float weight_decay, bool sumsq) -> Tensor"

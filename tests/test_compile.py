@@ -128,10 +128,12 @@ def _rng():
     return rng_tensors(11, 2**32 - 1, "cpu")
 
 
-def _sample_gates_backward(family, batch, training):
-    phi = torch.randn(3, 4).to(torch.bfloat16)
+def _sample_gates_backward(family, batch, training, from_z=False):
+    phi = torch.randn(3, 4).to(torch.float32 if from_z else torch.bfloat16)
     grad_z = torch.randn((3, 4) if batch is None else (batch, 3, 4))  # float32: the op casts it
-    return (grad_z, phi, *_rng(), *FAMILIES[family], training)
+    # from_z: d phi read off the forward's z (CPU kernels, float32)
+    z = torch.ops.npn.sample_gates.default(phi, *_rng(), *FAMILIES[family], training, batch) if from_z else None
+    return (grad_z, phi, z, *_rng(), *FAMILIES[family], training)
 
 
 def _l0_penalty_backward(family, weight_kind):
@@ -175,6 +177,7 @@ OPCHECK_CASES = {
         "hc_example": lambda: _sample_gates_backward("hc", 2, True),
         "hc_eval": lambda: _sample_gates_backward("hc", None, False),
         "binary": lambda: _sample_gates_backward("binary", None, True),
+        "hc_from_z_example": lambda: _sample_gates_backward("hc", 2, True, from_z=True),
     },
     "npn::l0_penalty_backward": {
         "hc_no_weight": lambda: _l0_penalty_backward("hc", "none"),  # grad_weight: empty [0]

@@ -302,6 +302,63 @@ void sample_gates_backward(const at::Tensor& grad_z, const at::Tensor& phi,
       });
 }
 
+// grad_z, z [B, n] (or phi-shaped, B = 1), float32 or float64 -> grad_phi [n] = sum_b grad_z[b] *
+// dz/dphi, read off the forward's z instead of regenerating u (training HardConcrete only): inside
+// (0, 1), z = s span + gamma, so s = (z - gamma) / span and dz/dphi = span s (1 - s) / beta; 0 on
+// the clamps. Relative error ~1e-7 against the regenerated gradient (z - gamma >= -gamma and
+// 1 - s >= (zeta - 1) / span keep both factors away from cancellation); a streaming pass instead
+// of Philox + log + exp per gate (8.5 -> ~1 ms for 4M gates on 2 cores, measured 2026-11-24).
+void sample_gates_backward_from_z(const at::Tensor& grad_z, const at::Tensor& z,
+                                  c10::ArrayRef<double> params, const at::Tensor& grad_phi) {
+  const GateSpec spec = parse_gate_spec(kHardConcrete, params);
+  TORCH_CHECK(z.is_cpu() && (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble),
+              "z: expected a float32 or float64 CPU tensor (16-bit z has too few digits to recover s), got ",
+              z.scalar_type(), " on ", z.device());
+  TORCH_CHECK(grad_z.is_cpu() && grad_z.scalar_type() == z.scalar_type() && grad_z.sizes() == z.sizes(),
+              "grad_z: expected a CPU tensor of z's dtype and shape ", z.sizes(), ", got ",
+              grad_z.scalar_type(), " ", grad_z.sizes(), " on ", grad_z.device());
+  TORCH_CHECK(grad_phi.is_cpu() && grad_phi.is_contiguous() && grad_phi.scalar_type() == z.scalar_type(),
+              "grad_phi: expected a contiguous CPU tensor of z's dtype, got ", grad_phi.scalar_type(),
+              " on ", grad_phi.device());
+  const int64_t batch = gate_batch(z, grad_phi, "z");
+  const int64_t n = grad_phi.numel();
+  if (n == 0) return;
+  if (batch == 0) {
+    grad_phi.zero_();
+    return;
+  }
+  const at::Tensor gz = grad_z.contiguous();
+  const at::Tensor zc = z.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sample_gates_backward_from_z", [&] {
+    const Gate<scalar_t> gate = make_gate<scalar_t>(spec);
+    const scalar_t* gzp = gz.const_data_ptr<scalar_t>();
+    const scalar_t* zp = zc.const_data_ptr<scalar_t>();
+    scalar_t* gp = grad_phi.mutable_data_ptr<scalar_t>();
+    const int64_t blocks = (n + kBlock - 1) / kBlock;
+    at::parallel_for(0, blocks, std::max<int64_t>(1, 4 * kGrainPenalty / batch), [&](int64_t b0, int64_t b1) {
+      const Gate<scalar_t> g = gate;  // a local copy: stores cannot alias it, so loops vectorize
+      const scalar_t inv_span = scalar_t(1) / g.span;
+      scalar_t acc[kBlock];
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t j0 = blk * kBlock;
+        const int64_t len = std::min(kBlock, n - j0);
+        std::fill(acc, acc + kBlock, scalar_t(0));
+        for (int64_t b = 0; b < batch; ++b) {
+          const scalar_t* zb = zp + b * n + j0;
+          const scalar_t* gb = gzp + b * n + j0;
+          for (int64_t k = 0; k < len; ++k) {
+            const scalar_t zk = zb[k];
+            const scalar_t sk = (zk - g.gamma) * inv_span;
+            const scalar_t d = g.span * sk * (scalar_t(1) - sk) * g.inv_beta;
+            acc[k] += gb[k] * ((zk > scalar_t(0)) & (zk < scalar_t(1)) ? d : scalar_t(0));
+          }
+        }
+        std::copy(acc, acc + len, gp + j0);
+      }
+    });
+  });
+}
+
 namespace {
 
 // weight: None or phi-shaped, phi's dtype, CPU; returned contiguous (undefined for None).

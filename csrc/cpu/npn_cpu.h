@@ -30,6 +30,8 @@ void sample_gates_backward(const at::Tensor& grad_z, const at::Tensor& phi,
                            const at::Tensor& seed, const at::Tensor& offset, int64_t family,
                            c10::ArrayRef<double> params, bool training,
                            const at::Tensor& grad_phi);
+void sample_gates_backward_from_z(const at::Tensor& grad_z, const at::Tensor& z,
+                                  c10::ArrayRef<double> params, const at::Tensor& grad_phi);
 at::Tensor l0_penalty(const at::Tensor& phi, const std::optional<at::Tensor>& weight,
                       int64_t family, c10::ArrayRef<double> params, double group_size, double l0,
                       double weight_decay, bool sumsq);

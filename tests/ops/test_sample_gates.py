@@ -270,3 +270,26 @@ def test_bad_input(kwargs, error, match):
     args = {"phi": torch.randn(3), "gate": npn.HardConcrete(), "seed": 0, "offset": 0, **kwargs}
     with pytest.raises(error, match=match):
         npn.ops.sample_gates(args.pop("phi"), args.pop("gate"), **args)
+
+
+@pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
+@pytest.mark.parametrize("gate", [npn.HardConcrete(), npn.HardConcrete(0.3, -0.5, 1.5)], ids=["default", "wide"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(5,), (3, 7), (4, 1023)], ids=["n5", "b3x7", "b4x1023"])
+def test_backward_from_z_equals_regenerated(gate, dtype, shape):
+    """The CPU kernels read d phi off the forward's z: the same gradient as regenerating the noise,
+    to the rounding of s = (z - gamma) / span, and exactly 0 where z sits on a clamp."""
+    phi = (torch.randn(shape[-1:]) * 3).to(dtype)
+    phi[:3] = torch.tensor([-30.0, 30.0, 0.0], dtype=dtype)[: min(3, phi.numel())]  # both clamps
+    seed, offset = rng_tensors(*_rng(), "cpu")
+    params = list(gate.params)
+    z = torch.empty(shape, dtype=dtype)
+    _ext.ops.sample_gates(phi, seed, offset, gate.family, params, True, z)
+    grad_z = torch.randn(shape, dtype=dtype)
+    regenerated, from_z = poisoned(phi.shape, dtype), poisoned(phi.shape, dtype)
+    _ext.ops.sample_gates_backward(grad_z, phi, seed, offset, gate.family, params, True, regenerated)
+    _ext.ops.sample_gates_backward_from_z(grad_z, z, params, from_z)
+    assert not from_z.isnan().any()
+    torch.testing.assert_close(from_z, regenerated, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6)
+    on_clamp = ((z == 0) | (z == 1)).all(0) if z.dim() == 2 else (z == 0) | (z == 1)
+    assert torch.equal(from_z[on_clamp], torch.zeros_like(from_z[on_clamp]))

@@ -127,29 +127,48 @@ def _(phi, seed, offset, family, params, training, batch):
 
 @eager.custom_op("npn::sample_gates_backward")
 def sample_gates_backward_op(
-    grad_z: Tensor, phi: Tensor, seed: Tensor, offset: Tensor, family: int, params: list[float], training: bool
+    grad_z: Tensor,
+    phi: Tensor,
+    z: Optional[Tensor],
+    seed: Tensor,
+    offset: Tensor,
+    family: int,
+    params: list[float],
+    training: bool,
 ) -> Tensor:
-    """grad_phi: phi's shape and dtype, summed over the batch dimension of grad_z."""
+    """grad_phi: phi's shape and dtype, summed over the batch dimension of grad_z; from the
+    forward's z where given (see _reads_z), else from the regenerated noise."""
     grad_phi = torch.empty_like(phi, memory_format=torch.contiguous_format)
     grad_z = grad_z.to(phi.dtype).contiguous()
+    if z is not None:
+        _ext.ops.sample_gates_backward_from_z(grad_z, z, params, grad_phi)
+        return grad_phi
     kernels(phi.device).sample_gates_backward(grad_z, phi.contiguous(), seed, offset, family, params, training, grad_phi)
     return grad_phi
 
 
 @sample_gates_backward_op.register_fake
-def _(grad_z, phi, seed, offset, family, params, training):
+def _(grad_z, phi, z, seed, offset, family, params, training):
     return torch.empty_like(phi, memory_format=torch.contiguous_format)
+
+
+def _reads_z(phi: Tensor, family: int, training: bool) -> bool:
+    """Whether the backward reads d phi off the forward's z (csrc/cpu/gates.cpp,
+    sample_gates_backward_from_z: a streaming pass, 8.5 -> ~1 ms per 4M gates on 2 cores) instead of
+    regenerating the noise: training hard-concrete gates, float32/float64 (16-bit z keeps too few
+    digits to recover s), cpu backend. Costs keeping z alive until the backward."""
+    return family != BINARY and training and phi.dtype in (torch.float32, torch.float64) and backends.select(phi.device) == "cpu"
 
 
 def _sample_gates_setup(ctx, inputs, output):
     phi, seed, offset, family, params, training, _ = inputs
-    ctx.save_for_backward(phi, seed, offset)
+    ctx.save_for_backward(phi, seed, offset, output if _reads_z(phi, family, training) else None)
     ctx.gate = (family, params, training)
     ctx.backend = backends.select(phi.device)
 
 
 def _sample_gates_backward(ctx, grad_z):
-    phi, seed, offset = ctx.saved_tensors
+    phi, seed, offset, z = ctx.saved_tensors
     family, params, training = ctx.gate
     if not ctx.needs_input_grad[0]:
         return (None,) * 7
@@ -159,7 +178,7 @@ def _sample_gates_backward(ctx, grad_z):
         grad_phi = torch.zeros_like(phi)
     else:
         with backends.use(ctx.backend):
-            grad_phi = sample_gates_backward_op(grad_z, phi, seed, offset, family, params, training)
+            grad_phi = sample_gates_backward_op(grad_z, phi, z, seed, offset, family, params, training)
     return grad_phi, None, None, None, None, None, None
 
 
