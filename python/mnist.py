@@ -286,7 +286,7 @@ def run(args) -> dict:
             loss = npn.objective(model, F.cross_entropy, x[idx], y[idx])
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         val_loss, val_error = evaluate(model, xv, yv)
         woken = 0
         if expanders and stage1 <= epoch < stage2:
