@@ -2,12 +2,12 @@
 // "weight", training): the forward writes a ⊙ z and s = sigmoid((logit(u) + phi) / beta) [P];
 // the backward reads s back instead of regenerating u, so it is one streaming pass.
 //
-// Why keep s on the CPU: per gate, Philox + logit + sigmoid cost ~5 cycles (~1.8 ms per 1M gates
-// on 2 cores, measured 2026-11-24) against ~0.1 ms to write and read back 4 MB of s; gate_mul's
-// backward regenerated it, which made the backward of a 1024x1024 layer at M = 128 cost as much
-// as its weight-gradient GEMM. The price is 4 bytes (float phi; 8 for double) per weight kept
-// from the forward to the backward, as much as a float32 weight. GPUs keep regenerating (their
-// math is cheap next to the memory traffic of s).
+// Why keep s on the CPU: regenerating it costs ~2.2 ns per gate on one core (Philox 0.7, the
+// formula 1.5; measured 2026-11-24): gate_mul_backward took 2.7 ms per 1M gates on 2 cores, as
+// much as the weight-gradient GEMM of a 1024x1024 layer at M = 128; reading s back takes 0.3 ms.
+// The price is 4 bytes (float phi; 8 for double) per weight kept from the forward to the
+// backward, as much as a float32 weight. GPUs keep regenerating (their math is cheap next to the
+// memory traffic of s).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

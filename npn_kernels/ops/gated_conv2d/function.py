@@ -112,7 +112,8 @@ def _forward_half(g: LayerGates, x, weight, bias, cp, granularity, hard_concrete
             xz = g.mul(x.contiguous().view(b, c_in, x.shape[2] * x.shape[3]), antithetic).view(x.shape)
             return F.conv2d(xz, weight, bias, *cp), None
         y_pre = F.conv2d(x, weight, bias, *cp)
-        y = g.mul(y_pre.contiguous().view(b, y_pre.shape[1], y_pre.shape[2] * y_pre.shape[3]), antithetic).view(y_pre.shape)
+        flat = y_pre.contiguous().view(b, y_pre.shape[1], y_pre.shape[2] * y_pre.shape[3])  # explicit: b may be 0
+        y = g.mul(flat, antithetic).view(y_pre.shape)
         return y, y_pre if hard_concrete else None
     z = g.vector(antithetic).to(x.dtype)
     zc = z.view(1, -1, 1, 1)

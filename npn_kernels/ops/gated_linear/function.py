@@ -4,7 +4,8 @@ The forward and backward are written once here over the gate kernels of the sele
 (`npn_kernels.ops.gates.apply.LayerGates`; pure PyTorch for the reference backend) and the
 vendor GEMM (torch.mm → MKL/oneDNN on the CPU, cuBLAS on CUDA); the oracle they are tested
 against is reference.py under autograd. Nothing here stores noise: the backward regenerates the
-gates from (seed, offset).
+gates from (seed, offset), except that hard-concrete weight gates on the cpu backend keep their
+sample s [N, K] from the forward (keeps_sample: the backward is then one streaming pass).
 
 Paired mode (ARM, DESIGN 4.3): x is the doubled batch [x; x]; the first half sees z, the second
 half ARM's antithetic z' = 1[u > 1 − pi] from the same u. The backward gives gradients of the
@@ -102,7 +103,8 @@ def _paired_structured(g: LayerGates, x, weight, bias, granularity):
     return y.view(2, m, -1).mul_(z.unsqueeze(1)).view_as(y)
 
 
-def _kernel_forward(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired, keep_sample):
+def _kernel_forward(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired,
+                    keep_sample):  # fmt: skip
     g = LayerGates(phi, seed, offset, family, params, training, example)
     hard_concrete = family != BINARY
     if paired and not example and granularity != "weight":
@@ -155,7 +157,8 @@ def _kernel_backward(grad_y, x, weight, bias, phi, seed, offset, aux, family, pa
         else:
             a = aux if aux is not None else dy  # binary: y_pre is not needed (no d phi)
             n = dy.shape[1]
-            dy_pre, dphi, _ = g.mul_backward(dy.contiguous().view(m, n, 1), a.contiguous().view(m, n, 1), True, need_phi, False)
+            dy_pre, dphi, _ = g.mul_backward(dy.contiguous().view(m, n, 1), a.contiguous().view(m, n, 1), True, need_phi,
+                                             False)  # fmt: skip
             dy_pre = dy_pre.view_as(dy)
             db = dy_pre.sum(0) if need_b and bias is not None else None
             dx = dy_pre @ weight if need_x else None
@@ -218,7 +221,8 @@ def _aux_dtype(x: Tensor, phi: Tensor, keep_sample: bool) -> torch.dtype:
 
 def keeps_sample(device: torch.device, family: int, granularity: str, training: bool) -> bool:
     """Whether a call keeps the hard-concrete weight-gate sample for its backward (CPU kernels,
-    csrc/cpu/hc_gate_mul.cpp: reading s back costs ~0.1 ms per 1M gates where regenerating it costs ~1.8 ms)."""
+    csrc/cpu/hc_gate_mul.cpp): the backward then reads s back, 0.3 ms per 1M gates on 2 cores
+    where regenerating it took 2.7 ms; s costs 4 bytes per weight until the backward."""
     return granularity == "weight" and family != BINARY and training and backends.select(device) == "cpu"
 
 

@@ -60,7 +60,6 @@ class LayerGates:
         self.k.gate_mul_backward(grad.contiguous(), a, self.phi, *self.args, self.example, grad_a, grad_phi, a_gated)
         return grad_a, grad_phi, a_gated
 
-
     def mul_keep_sample(self, a: Tensor) -> tuple[Tensor, Tensor]:
         """(a ⊙ z, s) for hard-concrete weight gates a [N, K] (contiguous, CPU kernels): s [N, K]
         is the sample sigmoid((logit u + phi) / beta) in phi's math type, for mul_backward_kept_sample."""

@@ -157,7 +157,8 @@ def _reads_z(phi: Tensor, family: int, training: bool) -> bool:
     sample_gates_backward_from_z: a streaming pass, 8.5 -> ~1 ms per 4M gates on 2 cores) instead of
     regenerating the noise: training hard-concrete gates, float32/float64 (16-bit z keeps too few
     digits to recover s), cpu backend. Costs keeping z alive until the backward."""
-    return family != BINARY and training and phi.dtype in (torch.float32, torch.float64) and backends.select(phi.device) == "cpu"
+    wide = phi.dtype in (torch.float32, torch.float64)
+    return family != BINARY and training and wide and backends.select(phi.device) == "cpu"
 
 
 def _sample_gates_setup(ctx, inputs, output):
