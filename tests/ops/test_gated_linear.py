@@ -14,7 +14,7 @@ from npn_kernels.ops.gated_linear import reference
 from npn_kernels.ops.gates import reference as gates_reference
 from npn_kernels.ops.rng import rng_tensors
 from npn_kernels.ops.uniforms import reference as uniforms_reference
-from tests.helpers import TOL, backend_params
+from tests.helpers import TOL, backend_params, poisoned
 
 # example noise (one gate per example and unit) exists for "in"/"out" gates only
 GRANULARITY_NOISE = [(g, n) for g in reference.GRANULARITIES for n in ("batch", "example") if (g, n) != ("weight", "example")]
@@ -246,3 +246,28 @@ def test_kept_sample_matches_regenerated(dtype):
         results.append((y, *grads))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
+@pytest.mark.parametrize("n", [1, 63, 64, 1000])
+def test_kept_sample_launchers_overwrite_every_element(n):
+    """hc_gate_mul / hc_gate_mul_backward write every element (NaN-poisoned outputs) and agree with
+    gate_mul / gate_mul_backward bit for bit; a bad s is refused by name."""
+    from npn_kernels import _ext
+
+    a, phi, grad = torch.randn(n), torch.randn(n) * 3, torch.randn(n)
+    seed, offset = rng_tensors(9, 77, "cpu")
+    params = [2 / 3, -0.1, 1.1]
+    out, s = poisoned((n,)), poisoned((n,))
+    _ext.ops.hc_gate_mul(a, phi, seed, offset, params, out, s)
+    expected = poisoned((1, n, 1))
+    _ext.ops.gate_mul(a.view(1, n, 1), phi, seed, offset, 1, params, True, False, False, expected)
+    assert torch.equal(out, expected.view(n)) and not s.isnan().any()
+    grads = [poisoned((n,)) for _ in range(3)]
+    _ext.ops.hc_gate_mul_backward(grad, a, s, phi, params, *grads)
+    want = [poisoned((1, n, 1)), poisoned((n,)), poisoned((1, n, 1))]
+    _ext.ops.gate_mul_backward(grad.view(1, n, 1), a.view(1, n, 1), phi, seed, offset, 1, params, True, False, *want)
+    for got, w in zip(grads, want):
+        assert torch.equal(got, w.view(n))
+    with pytest.raises(RuntimeError, match=r"s: expected a contiguous \[\d+\] CPU tensor of dtype Float"):
+        _ext.ops.hc_gate_mul_backward(grad, a, s.double(), phi, params, None, None, None)
