@@ -137,6 +137,10 @@ void block_hc_s(const GateSource<T>& src, int64_t i0, int64_t len, const Phi* x,
   T xt[kBlock] = {};
   block_uniforms(src.seed, src.offset, i0, len, u);
   for (int64_t k = 0; k < len; ++k) xt[k] = static_cast<T>(x[k]);
+  if (g.inv_beta == T(1.5)) {  // the default beta = 2/3: no log (gates.h, hc_s_beta23)
+    for (int64_t k = 0; k < kBlock; ++k) s[k] = hc_s_beta23(u[k], xt[k]);
+    return;
+  }
   for (int64_t k = 0; k < kBlock; ++k) s[k] = hc_s(u[k], xt[k], g);
 }
 

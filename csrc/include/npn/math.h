@@ -103,6 +103,21 @@ NPN_HD double fma(double a, double b, double c) {
   return std::fma(a, b, c);
 #endif
 }
+// sqrt, correctly rounded (vsqrtps on the host: gcc vectorizes it under -fno-math-errno).
+NPN_HD float sqrt(float x) {
+#if defined(__CUDA_ARCH__)
+  return sqrtf(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+NPN_HD double sqrt(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::sqrt(x);
+#else
+  return std::sqrt(x);
+#endif
+}
 NPN_HD float abs(float x) { return fabsf(x); }
 NPN_HD double abs(double x) { return fabs(x); }
 NPN_HD double exp(double x) { return ::exp(x); }
