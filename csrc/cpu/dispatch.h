@@ -1,16 +1,22 @@
-// dtype dispatch shared by the gate-application kernels (gate_mul.cpp, hc_gate_mul.cpp): an
-// activation dtype A and a gate-parameter dtype Phi, each any float dtype.
+// dtype dispatch and argument helpers shared by the CPU kernels (gates.cpp, gate_mul.cpp,
+// hc_gate_mul.cpp): an activation dtype A and a gate-parameter dtype Phi, each any float dtype.
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <type_traits>
 
 namespace npn::cpu {
 
 inline bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// An optional output of an op (Tensor? in the schema): its tensor, or nullptr when not wanted.
+inline const at::Tensor* optional_output(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? &*t : nullptr;
 }
 
 // Calls f(A{}, Phi{}) with a's and phi's scalar types.

@@ -259,10 +259,6 @@ void check_like(const at::Tensor& t, const at::Tensor& like, const char* name) {
               t.is_contiguous() ? "" : " (non-contiguous)", " on ", t.device());
 }
 
-const at::Tensor* optional_output(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? &*t : nullptr;
-}
-
 }  // namespace
 
 void check_antithetic(int64_t family, bool training, bool antithetic) {

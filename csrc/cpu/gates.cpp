@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "blocks.h"
+#include "dispatch.h"
 #include "npn/gates.h"
 #include "npn_cpu.h"
 
@@ -185,12 +186,8 @@ void penalty_backward_kernel(const scalar_t* phi, const scalar_t* w, scalar_t* g
   });
 }
 
-bool is_gate_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
 void check_phi(const at::Tensor& phi) {
-  TORCH_CHECK(phi.is_cpu() && is_gate_dtype(phi.scalar_type()),
+  TORCH_CHECK(phi.is_cpu() && is_float_dtype(phi.scalar_type()),
               "phi: expected a floating-point CPU tensor (float32, float64, float16, bfloat16), "
               "got ",
               phi.scalar_type(), " on ", phi.device());

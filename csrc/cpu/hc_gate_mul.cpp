@@ -114,10 +114,12 @@ void hc_gate_mul_backward(const at::Tensor& grad, const at::Tensor& a, const at:
   check_flat(grad, P, "grad", a.scalar_type());
   check_flat(phi, P, "phi");
   check_flat(s, P, "s", s_dtype(phi));
-  const auto wanted = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
-  if (wanted(grad_a)) check_flat(*grad_a, P, "grad_a", a.scalar_type());
-  if (wanted(a_gated)) check_flat(*a_gated, P, "a_gated", a.scalar_type());
-  if (wanted(grad_phi)) check_flat(*grad_phi, P, "grad_phi", phi.scalar_type());
+  const at::Tensor* ga_t = optional_output(grad_a);
+  const at::Tensor* ag_t = optional_output(a_gated);
+  const at::Tensor* gp_t = optional_output(grad_phi);
+  if (ga_t != nullptr) check_flat(*ga_t, P, "grad_a", a.scalar_type());
+  if (ag_t != nullptr) check_flat(*ag_t, P, "a_gated", a.scalar_type());
+  if (gp_t != nullptr) check_flat(*gp_t, P, "grad_phi", phi.scalar_type());
   const GateSpec spec = parse_gate_spec(kHardConcrete, params);
   if (P == 0) return;
   dispatch_pair(a, phi, [&](auto a_tag, auto phi_tag) {
@@ -129,9 +131,9 @@ void hc_gate_mul_backward(const at::Tensor& grad, const at::Tensor& a, const at:
     const A* gp = grad.const_data_ptr<A>();
     const A* ap = a.const_data_ptr<A>();
     const T* sp = s.const_data_ptr<T>();
-    A* ga = wanted(grad_a) ? grad_a->mutable_data_ptr<A>() : nullptr;
-    A* ag = wanted(a_gated) ? a_gated->mutable_data_ptr<A>() : nullptr;
-    Phi* gph = wanted(grad_phi) ? grad_phi->mutable_data_ptr<Phi>() : nullptr;
+    A* ga = ga_t == nullptr ? nullptr : ga_t->mutable_data_ptr<A>();
+    A* ag = ag_t == nullptr ? nullptr : ag_t->mutable_data_ptr<A>();
+    Phi* gph = gp_t == nullptr ? nullptr : gp_t->mutable_data_ptr<Phi>();
     const int64_t blocks = (P + kBlock - 1) / kBlock;
     at::parallel_for(0, blocks, kGrainStreamElems / kBlock, [&](int64_t b0, int64_t b1) {
       const Gate<T> g = gate;

@@ -384,7 +384,7 @@ def l0_penalty(
     group_size = _check_number("group_size", group_size, positive=True)
     l0 = _check_number("l0", l0, positive=False)
     weight_decay = _check_number("weight_decay", weight_decay, positive=False)
-    arg, sumsq, tie = None, False, None
+    arg, tie = None, None
     if weight is not None:
         if not isinstance(weight, Tensor):
             raise TypeError(f"weight: expected None or a tensor, got {type(weight).__name__}")
@@ -409,5 +409,6 @@ def l0_penalty(
             arg = weight
         else:  # the op sums each group's squares and writes dW itself (see _grouped)
             arg = _group_view(phi, weight)
-    penalty = l0_penalty_op(phi, arg, gate.family, list(gate.params), group_size, l0, weight_decay, sumsq)
+    # sumsq False: arg is W itself (phi-shaped or grouped [A, P, B]); the op forms the squares
+    penalty = l0_penalty_op(phi, arg, gate.family, list(gate.params), group_size, l0, weight_decay, False)
     return penalty if tie is None else penalty + tie
