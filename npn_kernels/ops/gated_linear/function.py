@@ -21,7 +21,7 @@ from torch import Tensor
 
 from npn_kernels import backends
 from npn_kernels.ops import eager
-from npn_kernels.gates import BINARY, check_gate
+from npn_kernels.gates import BINARY, check_gate, compute_dtype
 from npn_kernels.ops.gated_linear import reference
 from npn_kernels.ops.gates.apply import LayerGates, check_tensor, halves, register_layer_autograd
 from npn_kernels.ops.gates.function import check_finite, check_flag
@@ -216,7 +216,7 @@ def _aux_shape(x: Tensor, weight: Tensor, family: int, granularity: str, keep_sa
 
 def _aux_dtype(x: Tensor, phi: Tensor, keep_sample: bool) -> torch.dtype:
     """s is kept in phi's math type (float64 for float64 phi, else float32) so the backward's z is the forward's."""
-    return (torch.float64 if phi.dtype == torch.float64 else torch.float32) if keep_sample else x.dtype
+    return compute_dtype(phi.dtype) if keep_sample else x.dtype
 
 
 def keeps_sample(device: torch.device, family: int, granularity: str, training: bool) -> bool:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from npn_kernels import backends
+from npn_kernels.gates import compute_dtype
 from npn_kernels.ops.gates.function import FLOAT_DTYPES, kernels
 
 
@@ -64,7 +65,7 @@ class LayerGates:
         """(a ⊙ z, s) for hard-concrete weight gates a [N, K] (contiguous, CPU kernels): s [N, K]
         is the sample sigmoid((logit u + phi) / beta) in phi's math type, for mul_backward_kept_sample."""
         out = torch.empty_like(a)
-        s = torch.empty(a.shape, dtype=torch.float64 if self.phi.dtype == torch.float64 else torch.float32)
+        s = torch.empty(a.shape, dtype=compute_dtype(self.phi.dtype))
         seed, offset, _, params, _ = self.args
         self.k.hc_gate_mul(a.view(-1), self.phi, seed, offset, params, out.view(-1), s.view(-1))
         return out, s
