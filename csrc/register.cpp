@@ -19,6 +19,13 @@ TORCH_LIBRARY_IMPL(npn_ext, CPU, m) {
   m.impl("gate_mul_backward", &npn::cpu::gate_mul_backward);
   m.impl("hc_gate_mul", &npn::cpu::hc_gate_mul);
   m.impl("hc_gate_mul_backward", &npn::cpu::hc_gate_mul_backward);
+  m.impl("gated_linear", &npn::cpu::gated_linear);
+  m.impl("gated_linear_backward", &npn::cpu::gated_linear_backward);
+}
+
+// Ops whose backward is a C++ autograd node (no Python between forward and backward).
+TORCH_LIBRARY_IMPL(npn_ext, AutogradCPU, m) {
+  m.impl("gated_linear", &npn::cpu::gated_linear_autograd);
 }
 
 // Scalar-only ops carry no tensor to dispatch on.

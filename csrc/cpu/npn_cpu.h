@@ -3,10 +3,13 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/string_view.h>
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <tuple>
 
 #include "npn/gates.h"
 
@@ -61,6 +64,24 @@ void hc_gate_mul_backward(const at::Tensor& grad, const at::Tensor& a, const at:
                           const std::optional<at::Tensor>& grad_a,
                           const std::optional<at::Tensor>& grad_phi,
                           const std::optional<at::Tensor>& a_gated);
+// The gated linear layer (csrc/cpu/gated_linear.cpp): structured batch-noise gates and
+// HardConcrete weight gates with keep_sample; the Autograd kernel runs the backward in C++.
+std::tuple<at::Tensor, at::Tensor> gated_linear(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& phi, const at::Tensor& seed, const at::Tensor& offset, int64_t family,
+    c10::ArrayRef<double> params, c10::string_view granularity, bool training, bool paired,
+    bool keep_sample, double compact_below);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& phi, const at::Tensor& seed,
+    const at::Tensor& offset, const at::Tensor& aux, int64_t family, c10::ArrayRef<double> params,
+    c10::string_view granularity, bool training, bool paired, bool keep_sample,
+    double compact_below, std::array<bool, 4> needs);
+std::tuple<at::Tensor, at::Tensor> gated_linear_autograd(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& phi, const at::Tensor& seed, const at::Tensor& offset, int64_t family,
+    c10::ArrayRef<double> params, c10::string_view granularity, bool training, bool paired,
+    bool keep_sample, double compact_below);
 int64_t parallel_threads(int64_t n);
 
 }  // namespace npn::cpu

@@ -12,6 +12,10 @@ pure bookkeeping, against 0.8 ms for the GEMMs of a 784→300 layer at batch 128
 setup_context and backward directly otherwise: through one torch.autograd.Function when an input
 needs a gradient, as a plain call when none does. The math is shared; only the bookkeeping path
 differs, and tests run both (eager everywhere, the op under opcheck and torch.compile).
+
+An op may also register a native path (`register_native`): a C++ op with its own autograd kernel
+that takes the eager calls it covers (the cpu backend's gated linear layer), so neither its
+forward nor its backward runs Python; its custom op calls the same C++ launchers.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class EagerOp:
         self.impl = impl
         self.op = torch.library.custom_op(name, mutates_args=())(impl)
         self._function: type[torch.autograd.Function] | None = None
+        self._native: Callable | None = None
 
     def register_fake(self, fake: Callable) -> Callable:
         self.op.register_fake(fake)
@@ -69,9 +74,16 @@ class EagerOp:
             {"forward": staticmethod(forward), "backward": staticmethod(backward)},
         )
 
+    def register_native(self, native: Callable) -> None:
+        """``native(*args)``: the outputs of an eager call from a C++ op that has its own autograd
+        kernel (no Python in its backward), or None for a call it does not cover."""
+        self._native = native
+
     def __call__(self, *args):
         if _traced(args):
             return self.op(*args)
+        if self._native is not None and (out := self._native(*args)) is not None:
+            return out
         if self._function is not None and torch.is_grad_enabled():
             if any(isinstance(a, Tensor) and a.requires_grad for a in args):
                 return self._function.apply(*args)

@@ -1,6 +1,7 @@
 """npn_kernels/ops/eager.py: eager calls run the ops' implementations through one
-torch.autograd.Function; everything that traces goes through the registered custom ops. Both paths
-must give the same bits: forward and every gradient."""
+torch.autograd.Function, or the C++ layer's own autograd node (cpu backend, csrc/cpu/gated_linear.cpp);
+everything that traces goes through the registered custom ops. Both paths must give the same bits:
+forward and every gradient."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ CASES = {
     "hc_weight": lambda: _layer_case("weight", 1, False),
     "hc_out": lambda: _layer_case("out", 1, False),
     "binary_in_paired": lambda: _layer_case("in", 0, True),
+    "binary_weight": lambda: _layer_case("weight", 0, False),
 }
 
 
@@ -52,7 +54,10 @@ def test_layer_eager_path_equals_custom_op(case, backend):
         static = (seed, offset, family, params, granularity, training, example, paired, keep)
         eager, eager_fn = _grads(gated_linear_op, leaves, *static)
         op, op_fn = _grads(torch.ops.npn.gated_linear.default, leaves, *static)
-    assert type(eager_fn).__name__.startswith("EagerBackwardFor_npn_gated_linear")
+    if backend == "cpu" and case != "binary_weight":  # the C++ layer (Binary weight gates stay in Python)
+        assert "GatedLinearFunction" in eager_fn.name()
+    else:
+        assert type(eager_fn).__name__.startswith("EagerBackwardFor_npn_gated_linear")
     assert type(op_fn).__name__.startswith("GeneratedBackwardFor_npn_gated_linear")
     for a, b in zip(eager, op):
         assert (a is None and b is None) or torch.equal(a, b)

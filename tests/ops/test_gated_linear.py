@@ -89,6 +89,15 @@ def test_matches_oracle(backend, gate_name, granularity, training, m):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate_name", list(GATES))
+@pytest.mark.parametrize("granularity", reference.GRANULARITIES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_no_bias(backend, gate_name, granularity, training):
+    x, weight, bias, phi = _inputs(7, 19, 13, granularity, torch.float32, bias=False)
+    _check(backend, x, weight, bias, phi, GATES[gate_name], granularity, training=training)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gate_name", ["binary", "hc"])
 @pytest.mark.parametrize("granularity", ["in", "out"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -99,9 +108,13 @@ def test_example_noise(backend, gate_name, granularity, training):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("granularity, noise", GRANULARITY_NOISE)
-def test_paired_matches_two_reference_passes(backend, granularity, noise):
-    x, weight, bias, phi = _inputs(5, 17, 9, granularity, torch.float32)
-    x = torch.cat([x, x])  # the doubled batch of the ARM objective
+@pytest.mark.parametrize("halves", ["same", "different"])
+@pytest.mark.parametrize("closed", [0.3, 0.9])
+def test_paired_matches_two_reference_passes(backend, granularity, noise, halves, closed):
+    """The first gated layer of an ARM pass sees [x; x] (the second half is computed as a correction
+    of the first), deeper layers see two different halves; 90% closed units gather."""
+    x, weight, bias, phi = _inputs(5, 17, 9, granularity, torch.float32, closed=closed)
+    x = torch.cat([x, x if halves == "same" else torch.randn_like(x)])  # the doubled batch of the ARM objective
     _check(backend, x, weight, bias, phi, npn.Binary(3.0), granularity, noise=noise, paired=True)
 
 

@@ -1,11 +1,14 @@
 """`npn::gated_linear`: the gated linear layer as a custom op with a fake implementation and autograd.
 
-The forward and backward are written once here over the gate kernels of the selected backend
+The forward and backward are written here over the gate kernels of the selected backend
 (`npn_kernels.ops.gates.apply.LayerGates`; pure PyTorch for the reference backend) and the
 vendor GEMM (torch.mm → MKL/oneDNN on the CPU, cuBLAS on CUDA); the oracle they are tested
-against is reference.py under autograd. Nothing here stores noise: the backward regenerates the
-gates from (seed, offset), except that hard-concrete weight gates on the cpu backend keep their
-sample s [N, K] from the forward (keeps_sample: the backward is then one streaming pass).
+against is reference.py under autograd. On the cpu backend, structured batch-noise gates and
+hard-concrete weight gates run in the C++ layer instead (csrc/cpu/gated_linear.cpp, the same
+structure): eager calls reach its C++ autograd node directly, traced calls through these ops.
+Nothing stores noise: the backward regenerates the gates from (seed, offset), except that the
+C++ layer's hard-concrete weight gates keep their sample s [N, K] from the forward
+(keeps_sample: the backward is then one streaming pass).
 
 Paired mode (ARM, DESIGN 4.3): x is the doubled batch [x; x]; the first half sees z, the second
 half ARM's antithetic z' = 1[u > 1 − pi] from the same u. The backward gives gradients of the
@@ -19,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from npn_kernels import backends
+from npn_kernels import _ext, backends
 from npn_kernels.ops import eager
 from npn_kernels.gates import BINARY, check_gate, compute_dtype
 from npn_kernels.ops.gated_linear import reference
@@ -56,13 +59,9 @@ def _fused(x: Tensor):
     return fused if fused.fuses(x) else None
 
 
-def _kernel_forward_half(g: LayerGates, x, weight, bias, granularity, hard_concrete, antithetic, keep_sample):
-    """(y [M, N], aux or None) for one half; aux: y before the gates for hard-concrete "out" gates,
-    the hard-concrete sample s [N, K] of weight gates with keep_sample."""
+def _kernel_forward_half(g: LayerGates, x, weight, bias, granularity, hard_concrete, antithetic):
+    """(y [M, N], aux or None) for one half; aux: y before the gates for hard-concrete "out" gates."""
     m, n = x.shape[0], weight.shape[0]
-    if keep_sample:
-        wz, s = g.mul_keep_sample(weight.contiguous())
-        return torch.nn.functional.linear(x, wz, bias), s
     if granularity == "weight" and (fused := _fused(x)) is not None:
         y = x.new_empty(m, n)
         fused.gated_linear(x, weight, bias, g.phi, *g.args, antithetic, y)
@@ -76,50 +75,90 @@ def _kernel_forward_half(g: LayerGates, x, weight, bias, granularity, hard_concr
         y_pre = torch.nn.functional.linear(x, weight, bias)
         return g.mul(y_pre.view(m, n, 1), antithetic).view(m, n), y_pre if hard_concrete else None
     z = g.vector(antithetic).to(x.dtype)
-    idx = _open_units(z)
     if granularity == "in":
-        if idx is None:
-            return torch.nn.functional.linear(x * z, weight, bias), None
-        return torch.nn.functional.linear(x.index_select(1, idx) * z[idx], weight.index_select(1, idx), bias), None
-    if idx is None:
-        y_pre = torch.nn.functional.linear(x, weight, bias)
-        return y_pre * z, y_pre if hard_concrete else None
-    y_pre = x.new_zeros(m, n)
-    y_pre[:, idx] = torch.nn.functional.linear(x, weight.index_select(0, idx), None if bias is None else bias[idx])
+        return _in_forward(x, weight, bias, z), None
+    y_pre = _out_pre(x, weight, bias, _open_units(z))
     return y_pre * z, y_pre if hard_concrete else None
 
 
+def _same_halves(x: Tensor) -> bool:
+    """Whether both halves of a paired batch are equal: the first gated layer of an ARM pass sees
+    [x; x] itself. Read on the CPU only (a memcmp-speed pass over x, ~10 µs at 128×784); on a GPU
+    the answer would cost a host sync per call."""
+    m = x.shape[0] // 2
+    return x.device.type == "cpu" and torch.equal(x[:m], x[m:])
+
+
+def _paired_same_input(g: LayerGates, x1, weight, bias, granularity, z):
+    """y [2m, N] of a paired batch whose halves are both x1 [m, K], z [2, P]: the second half is the
+    first plus a correction. "in": y' = y + (x1 ⊙ (z' − z)) Wᵀ over the units where z' ≠ z only
+    (about 2·min(pi, 1 − pi) of them: 10% at pi = 0.95, so the 784→300 layer of row C4 runs one
+    128×78×300 GEMM instead of 128×784×300). "out": y' = (x1 Wᵀ + b) ⊙ z', one GEMM for both."""
+    m = x1.shape[0]
+    if granularity == "out":
+        idx = _open_units(z[0] + z[1])  # rows open in either half
+        y_pre = _out_pre(x1, weight, bias, idx)
+        return (y_pre.unsqueeze(0) * z.unsqueeze(1)).view(2 * m, -1)
+    y = x1.new_empty(2 * m, weight.shape[0])
+    _in_forward(x1, weight, bias, z[0], out=y[:m])
+    d = z[1] - z[0]
+    changed = d.nonzero().view(-1)
+    torch.addmm(y[:m], x1.index_select(1, changed) * d[changed], weight.index_select(1, changed).t(), out=y[m:])
+    return y
+
+
+def _in_forward(x, weight, bias, z, out=None):
+    """(x ⊙ z) Wᵀ + b for "in" gates z [K], gathering the open units when few are open."""
+    idx = _open_units(z)
+    if idx is not None:
+        x, weight, z = x.index_select(1, idx), weight.index_select(1, idx), z[idx]
+    xz = x * z
+    if out is None:
+        return torch.nn.functional.linear(xz, weight, bias)
+    return torch.mm(xz, weight.t(), out=out) if bias is None else torch.addmm(bias, xz, weight.t(), out=out)
+
+
+def _out_pre(x, weight, bias, idx):
+    """x Wᵀ + b [M, N] for "out" gates; only the rows idx of W (the others are zero) when given."""
+    if idx is None:
+        return torch.nn.functional.linear(x, weight, bias)
+    y_pre = x.new_zeros(x.shape[0], weight.shape[0])
+    y_pre[:, idx] = torch.nn.functional.linear(x, weight.index_select(0, idx), None if bias is None else bias[idx])
+    return y_pre
+
+
 def _paired_structured(g: LayerGates, x, weight, bias, granularity):
-    """y of a whole paired batch in one GEMM for structured batch-noise gates: x ⊙ [z; z'] or
-    (x Wᵀ + b) ⊙ [z; z'] (one 256-row GEMM instead of two of 128 and a cat: ~0.1 ms per layer at
-    784→300); None when either half is sparse enough to compact (then each half gathers its own)."""
+    """y of a whole paired batch for structured batch-noise gates, or None (then each half runs
+    alone). Halves that are equal share the work (_paired_same_input); otherwise one GEMM over
+    x ⊙ [z; z'] or (x Wᵀ + b) ⊙ [z; z'] (one 256-row GEMM instead of two of 128 and a cat: ~0.1 ms
+    per layer at 784→300), unless either half is sparse enough to compact."""
     z = torch.stack([g.vector(False), g.vector(True)]).to(x.dtype)  # [2, P]
+    m = x.shape[0] // 2
+    if _same_halves(x):
+        return _paired_same_input(g, x[:m], weight, bias, granularity, z)
     if any(_open_units(half) is not None for half in z):
         return None
-    m = x.shape[0] // 2
     if granularity == "in":
         return torch.nn.functional.linear((x.view(2, m, -1) * z.unsqueeze(1)).view_as(x), weight, bias)
     y = torch.nn.functional.linear(x, weight, bias)
     return y.view(2, m, -1).mul_(z.unsqueeze(1)).view_as(y)
 
 
-def _kernel_forward(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired,
-                    keep_sample):  # fmt: skip
+def _kernel_forward(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired):
     g = LayerGates(phi, seed, offset, family, params, training, example)
     hard_concrete = family != BINARY
     if paired and not example and granularity != "weight":
         y = _paired_structured(g, x, weight, bias, granularity)
         if y is not None:
             return y, None  # paired gates are Binary: no aux
-    parts = [_kernel_forward_half(g, xh, weight, bias, granularity, hard_concrete, anti, keep_sample)
-             for xh, anti in halves(x, paired)]  # fmt: skip
+    parts = [_kernel_forward_half(g, xh, weight, bias, granularity, hard_concrete, anti) for xh, anti in halves(x, paired)]
     y = torch.cat([p[0] for p in parts]) if paired else parts[0][0]
     aux = parts[0][1]  # the second half of a paired batch gets no gradient: its y_pre is not needed
     return y, aux
 
 
 def _kernel_backward(grad_y, x, weight, bias, phi, seed, offset, aux, family, params, granularity, training, example, paired,
-                     keep_sample, needs):  # fmt: skip
+                     needs):  # fmt: skip
     """(dx, dW, db, dphi) of the first half (the whole batch unless paired); None where not needed."""
     need_x, need_w, need_b, want_phi = needs
     need_phi = want_phi and family != BINARY  # binary gates: no pathwise gradient, a zero d phi
@@ -129,15 +168,7 @@ def _kernel_backward(grad_y, x, weight, bias, phi, seed, offset, aux, family, pa
     g = LayerGates(phi, seed, offset, family, params, training, example)
     dx = dw = dphi = None
     db = dy.sum(0) if need_b and bias is not None else None
-    if keep_sample:
-        # dW = G ⊙ z is written over G = dyᵀx (no second [N, K] buffer); W ⊙ z for dx from s
-        gw = dy.t() @ x1 if (need_w or need_phi) else weight.contiguous()
-        dw = gw if need_w else None
-        dphi = torch.empty_like(g.phi) if need_phi else None
-        wz = torch.empty_like(weight) if need_x else None
-        g.mul_backward_kept_sample(gw, weight.contiguous(), aux, dw, dphi, wz)
-        dx = None if wz is None else dy @ wz
-    elif granularity == "weight" and (fused := _fused(x1)) is not None:
+    if granularity == "weight" and (fused := _fused(x1)) is not None:
         dx, dw, dphi = (torch.empty(t.shape, dtype=t.dtype, device=t.device) if need else None
                         for t, need in ((x1, need_x), (weight, need_w), (g.phi, need_phi)))  # fmt: skip
         fused.gated_linear_backward(dy, x1, weight, g.phi, *g.args, dx, dw, dphi)
@@ -226,6 +257,12 @@ def keeps_sample(device: torch.device, family: int, granularity: str, training: 
     return granularity == "weight" and family != BINARY and training and backends.select(device) == "cpu"
 
 
+def _in_cpp(device: torch.device, granularity: str, example: bool, keep_sample: bool) -> bool:
+    """Whether the C++ layer of the cpu backend (csrc/cpu/gated_linear.cpp) runs the call:
+    structured gates with batch noise, or hard-concrete weight gates that keep their sample."""
+    return backends.select(device) == "cpu" and (keep_sample or (granularity != "weight" and not example))
+
+
 @eager.custom_op("npn::gated_linear")
 def gated_linear_op(
     x: Tensor,
@@ -243,8 +280,12 @@ def gated_linear_op(
     keep_sample: bool,
 ) -> tuple[Tensor, Tensor]:
     """(y [M, N], aux) for x [M, K], weight [N, K], bias [N] or None; aux: see _aux_shape."""
-    y, aux = _kernel_forward(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired,
-                             keep_sample)  # fmt: skip
+    if _in_cpp(x.device, granularity, example, keep_sample):
+        return _ext.ops.gated_linear(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired,
+                                     keep_sample, COMPACT_BELOW)  # fmt: skip
+    if keep_sample:
+        raise ValueError("keep_sample: only the cpu backend's C++ layer keeps the hard-concrete sample")
+    y, aux = _kernel_forward(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired)
     return y, y.new_empty(_aux_shape(x, weight, family, granularity, keep_sample)) if aux is None else aux
 
 
@@ -274,8 +315,11 @@ def gated_linear_backward_op(
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dW, db, dphi); an input that needs no gradient gets an empty [0] tensor."""
+    if _in_cpp(x.device, granularity, example, keep_sample):
+        return _ext.ops.gated_linear_backward(grad_y, x, weight, bias, phi, seed, offset, aux, family, params, granularity,
+                                              training, paired, keep_sample, COMPACT_BELOW, needs)  # fmt: skip
     grads = _kernel_backward(grad_y.contiguous(), x, weight, bias, phi, seed, offset, aux if aux.dim() == 2 else None,
-                             family, params, granularity, training, example, paired, keep_sample, needs)  # fmt: skip
+                             family, params, granularity, training, example, paired, needs)  # fmt: skip
     return tuple(t.new_empty(0) if g is None else g for t, g in zip((x, weight, x, phi), grads))
 
 
@@ -288,6 +332,17 @@ def _(grad_y, x, weight, bias, phi, seed, offset, aux, family, params, granulari
 
 
 register_layer_autograd(gated_linear_op, gated_linear_backward_op)
+
+
+def _native(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired, keep_sample):
+    """An eager call the C++ layer runs, forward and backward (its autograd node is C++); else None."""
+    if not _in_cpp(x.device, granularity, example, keep_sample):
+        return None
+    return _ext.ops.gated_linear(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired,
+                                 keep_sample, COMPACT_BELOW)  # fmt: skip
+
+
+gated_linear_op.register_native(_native)
 
 
 # ---- public function --------------------------------------------------------------------------

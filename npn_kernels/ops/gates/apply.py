@@ -61,21 +61,6 @@ class LayerGates:
         self.k.gate_mul_backward(grad.contiguous(), a, self.phi, *self.args, self.example, grad_a, grad_phi, a_gated)
         return grad_a, grad_phi, a_gated
 
-    def mul_keep_sample(self, a: Tensor) -> tuple[Tensor, Tensor]:
-        """(a ⊙ z, s) for hard-concrete weight gates a [N, K] (contiguous, CPU kernels): s [N, K]
-        is the sample sigmoid((logit u + phi) / beta) in phi's math type, for mul_backward_kept_sample."""
-        out = torch.empty_like(a)
-        s = torch.empty(a.shape, dtype=compute_dtype(self.phi.dtype))
-        seed, offset, _, params, _ = self.args
-        self.k.hc_gate_mul(a.view(-1), self.phi, seed, offset, params, out.view(-1), s.view(-1))
-        return out, s
-
-    def mul_backward_kept_sample(self, grad: Tensor, a: Tensor, s: Tensor, grad_a, grad_phi, a_gated) -> None:
-        """Writes grad ⊙ z into grad_a (may be grad), d phi into grad_phi, a ⊙ z into a_gated (each
-        optional) from mul_keep_sample's s; grad, a, s [N, K] contiguous."""
-        flat = [None if t is None else t.view(-1) for t in (grad_a, grad_phi, a_gated)]
-        self.k.hc_gate_mul_backward(grad.view(-1), a.view(-1), s.view(-1), self.phi, self.args[3], *flat)
-
 
 def check_tensor(name: str, t, dtype=None, device=None) -> Tensor:
     if not isinstance(t, Tensor):

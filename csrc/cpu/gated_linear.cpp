@@ -1,0 +1,322 @@
+// The gated linear layer on the CPU (npn_kernels/ops/gated_linear/function.py routes here):
+// structured gates ("in"/"out") with batch noise, and HardConcrete weight gates that keep their
+// sample. Forward and backward are autograd-free launchers over the gate kernels and the BLAS
+// GEMM (at::linear / at::mm); the Autograd kernel below wires them into one C++ autograd node.
+//
+// Why in C++: the same forward + backward composed in Python cost ~0.35 ms of interpreter and
+// autograd.Function bookkeeping per layer call (torch 2.13, 2 cores, 2026-11-24), as much as
+// the GEMMs of a 300→100 layer at batch 128 (row C4 of bench/). Here each op is a dispatcher
+// call (~1-3 us). The Python composition in function.py stays for the other backends and for
+// example noise; both call the same gate kernels, and the CPU path's custom op (torch.compile,
+// opcheck) calls these launchers, so eager and traced calls give the same bits.
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+
+#include <array>
+#include <tuple>
+
+#include "npn/gates.h"
+#include "npn_cpu.h"
+
+namespace npn::cpu {
+
+namespace {
+
+using at::Tensor;
+
+bool is_weight(c10::string_view granularity) { return granularity == "weight"; }
+
+// The gates of one call: phi flattened to [P] (contiguous) and its place in the noise stream.
+struct Gates {
+  Tensor phi;  // [P]
+  const Tensor& seed;
+  const Tensor& offset;
+  int64_t family;
+  c10::ArrayRef<double> params;
+  bool training;
+
+  // z [P] (phi's dtype): the gates a plain forward draws, or ARM's z' = 1[u > 1 − pi].
+  Tensor vector(bool antithetic) const {
+    if (!antithetic) {
+      Tensor z = at::empty_like(phi);
+      sample_gates(phi, seed, offset, family, params, training, z);
+      return z;
+    }
+    Tensor ones = at::ones({1, phi.numel(), 1}, phi.options());
+    gate_mul(ones, phi, seed, offset, family, params, training, false, true, ones);
+    return ones.view(-1);
+  }
+
+  // d phi [P] of sum(grad_z ⊙ z).
+  Tensor vector_backward(const Tensor& grad_z) const {
+    Tensor grad_phi = at::empty_like(phi);
+    sample_gates_backward(grad_z.to(phi.scalar_type()).contiguous(), phi, seed, offset, family,
+                          params, training, grad_phi);
+    return grad_phi;
+  }
+};
+
+// Indices of the nonzero gates of z [P] when fewer than compact_below·P are open, else undefined
+// (function.py's _open_units: nonzero() sizes its result, the one host-side count per call).
+Tensor open_units(const Tensor& z, double compact_below) {
+  Tensor idx = z.nonzero().view(-1);
+  return static_cast<double>(idx.numel()) < compact_below * static_cast<double>(z.numel())
+             ? idx
+             : Tensor();
+}
+
+// (x ⊙ z) Wᵀ + b for "in" gates z [K], gathering the open units when few are open; into out
+// (a contiguous [M, N] slice) when given.
+Tensor in_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
+                  const Tensor& z, double compact_below, Tensor* out = nullptr) {
+  const Tensor idx = open_units(z, compact_below);
+  const Tensor xs = idx.defined() ? x.index_select(1, idx) : x;
+  const Tensor ws = idx.defined() ? w.index_select(1, idx) : w;
+  const Tensor xz = xs * (idx.defined() ? z.index_select(0, idx) : z);
+  if (out == nullptr) return at::linear(xz, ws, b);
+  return b.has_value() ? at::addmm_out(*out, *b, xz, ws.t()) : at::mm_out(*out, xz, ws.t());
+}
+
+// x Wᵀ + b [M, N] for "out" gates; only the rows idx of W (the others zero) when idx is defined.
+Tensor out_pre(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, const Tensor& idx) {
+  if (!idx.defined()) return at::linear(x, w, b);
+  Tensor y_pre = at::zeros({x.size(0), w.size(0)}, x.options());
+  std::optional<Tensor> bo;
+  if (b.has_value()) bo = b->index_select(0, idx);
+  y_pre.index_copy_(1, idx, at::linear(x, w.index_select(0, idx), bo));
+  return y_pre;
+}
+
+// y [2m, N] of a paired batch whose halves are both x1 [m, K]; z [2, P] = [z; z'] (function.py's
+// _paired_same_input: "in" adds the correction (x1 ⊙ (z' − z)) Wᵀ over the units where z' ≠ z
+// to the first half; "out" runs one GEMM for both halves).
+Tensor paired_same_input(const Tensor& x1, const Tensor& w, const std::optional<Tensor>& b,
+                         c10::string_view granularity, const Tensor& z, double compact_below) {
+  const int64_t m = x1.size(0);
+  if (granularity == "out") {
+    const Tensor y_pre = out_pre(x1, w, b, open_units(z[0] + z[1], compact_below));
+    return (y_pre.unsqueeze(0) * z.unsqueeze(1)).view({2 * m, -1});
+  }
+  Tensor y = at::empty({2 * m, w.size(0)}, x1.options());
+  Tensor y1 = y.narrow(0, 0, m), y2 = y.narrow(0, m, m);
+  in_forward(x1, w, b, z[0], compact_below, &y1);
+  const Tensor d = z[1] - z[0];
+  const Tensor changed = d.nonzero().view(-1);
+  at::addmm_out(y2, y1, x1.index_select(1, changed) * d.index_select(0, changed),
+                w.index_select(1, changed).t());
+  return y;
+}
+
+// One half (or the whole batch) of structured gates: (y, y before the gates or undefined).
+std::tuple<Tensor, Tensor> structured_half(const Gates& g, const Tensor& x, const Tensor& w,
+                                           const std::optional<Tensor>& b,
+                                           c10::string_view granularity, bool antithetic,
+                                           double compact_below) {
+  const Tensor z = g.vector(antithetic).to(x.scalar_type());
+  if (granularity == "in") return {in_forward(x, w, b, z, compact_below), Tensor()};
+  Tensor y_pre = out_pre(x, w, b, open_units(z, compact_below));
+  return {y_pre * z, y_pre};
+}
+
+void check_layer(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
+                 const Tensor& phi, c10::string_view granularity, int64_t family, bool training,
+                 bool paired, bool keep_sample) {
+  TORCH_CHECK(x.is_cpu() && x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
+              "x: expected a CPU tensor [M, K] with K = weight's in_features (weight [N, K] = ",
+              w.sizes(), "), got ", x.sizes(), " on ", x.device());
+  TORCH_CHECK(!b.has_value() || (b->dim() == 1 && b->size(0) == w.size(0)),
+              "bias: expected [", w.size(0), "], got ", b->sizes());
+  if (keep_sample) {
+    TORCH_CHECK(is_weight(granularity) && family == kHardConcrete && training && !paired,
+                "keep_sample: HardConcrete weight gates in training only");
+    TORCH_CHECK(phi.numel() == w.numel(), "phi: expected weight's ", w.numel(),
+                " gates, got shape ", phi.sizes());
+    return;
+  }
+  TORCH_CHECK(granularity == "in" || granularity == "out",
+              "granularity: this CPU layer takes 'in' or 'out' (batch noise) or HardConcrete "
+              "'weight' gates with keep_sample; got '",
+              granularity, "'");
+  const int64_t units = granularity == "in" ? w.size(1) : w.size(0);
+  TORCH_CHECK(phi.dim() == 1 && phi.size(0) == units, "phi: expected [", units,
+              "] for granularity '", granularity, "', got ", phi.sizes());
+  TORCH_CHECK(!paired || (family == kBinary && training && x.size(0) % 2 == 0),
+              "paired: needs Binary gates in training and an even number of rows");
+}
+
+}  // namespace
+
+// x [M, K], weight [N, K], bias [N] or None, phi [K] ("in"), [N] ("out") or [N, K] ("weight",
+// keep_sample) -> (y [M, N], aux): aux is y before the gates for HardConcrete "out" gates, the
+// sample s [N, K] (float32; float64 for float64 phi) with keep_sample, else empty [0].
+std::tuple<Tensor, Tensor> gated_linear(const Tensor& x, const Tensor& weight,
+                                        const std::optional<Tensor>& bias, const Tensor& phi,
+                                        const Tensor& seed, const Tensor& offset, int64_t family,
+                                        c10::ArrayRef<double> params,
+                                        c10::string_view granularity, bool training, bool paired,
+                                        bool keep_sample, double compact_below) {
+  check_layer(x, weight, bias, phi, granularity, family, training, paired, keep_sample);
+  const Gates g{phi.reshape(-1).contiguous(), seed, offset, family, params, training};
+  const Tensor none = at::empty({0}, x.options());
+  if (keep_sample) {
+    const Tensor w = weight.contiguous();
+    Tensor wz = at::empty_like(w);
+    Tensor s = at::empty(w.sizes(), w.options().dtype(phi.scalar_type() == at::kDouble
+                                                          ? at::kDouble
+                                                          : at::kFloat));
+    hc_gate_mul(w.view(-1), g.phi, seed, offset, params, wz.view(-1), s.view(-1));
+    return {at::linear(x, wz, bias), s};
+  }
+  if (!paired) {
+    auto [y, y_pre] = structured_half(g, x, weight, bias, granularity, false, compact_below);
+    return {y, family == kHardConcrete && granularity == "out" ? y_pre : none};
+  }
+  const int64_t m = x.size(0) / 2;
+  const Tensor z = at::stack({g.vector(false), g.vector(true)}).to(x.scalar_type());  // [2, P]
+  if (at::equal(x.narrow(0, 0, m), x.narrow(0, m, m))) {
+    return {paired_same_input(x.narrow(0, 0, m), weight, bias, granularity, z, compact_below),
+            none};
+  }
+  if (open_units(z[0], compact_below).defined() || open_units(z[1], compact_below).defined()) {
+    auto first = std::get<0>(
+        structured_half(g, x.narrow(0, 0, m), weight, bias, granularity, false, compact_below));
+    auto second = std::get<0>(
+        structured_half(g, x.narrow(0, m, m), weight, bias, granularity, true, compact_below));
+    return {at::cat({first, second}), none};
+  }
+  if (granularity == "in") {
+    return {at::linear((x.view({2, m, -1}) * z.unsqueeze(1)).view_as(x), weight, bias), none};
+  }
+  Tensor y = at::linear(x, weight, bias);
+  y.view({2, m, -1}).mul_(z.unsqueeze(1));
+  return {y, none};
+}
+
+// (dx, dW, db, dphi) of the first half (the whole batch unless paired) for the calls
+// gated_linear takes; needs: which of (x, weight, bias, phi) want one (the others: empty [0]).
+std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward(
+    const Tensor& grad_y, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+    const Tensor& phi, const Tensor& seed, const Tensor& offset, const Tensor& aux,
+    int64_t family, c10::ArrayRef<double> params, c10::string_view granularity, bool training,
+    bool paired, bool keep_sample, double compact_below, std::array<bool, 4> needs) {
+  check_layer(x, weight, bias, phi, granularity, family, training, paired, keep_sample);
+  const auto [need_x, need_w, need_b, want_phi] = needs;
+  const bool need_phi = want_phi && family != kBinary;  // Binary: no pathwise gradient
+  const Gates g{phi.reshape(-1).contiguous(), seed, offset, family, params, training};
+  const int64_t m_all = x.size(0), m = paired ? m_all / 2 : m_all;
+  const Tensor dy = grad_y.contiguous().narrow(0, 0, m), x1 = x.narrow(0, 0, m);
+  Tensor dx, dw, db, dphi;
+  if (need_b && bias.has_value()) db = dy.sum(0);
+  if (keep_sample) {
+    // dW = G ⊙ z is written over G = dyᵀx (no second [N, K] buffer); W ⊙ z for dx from s
+    const Tensor w = weight.contiguous();
+    const Tensor gw = (need_w || need_phi) ? dy.t().mm(x1) : w;
+    if (need_w) dw = gw;
+    if (need_phi) dphi = at::empty_like(g.phi);
+    const Tensor wz = need_x ? at::empty_like(w) : Tensor();
+    auto flat = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t.view(-1)) : std::nullopt; };
+    hc_gate_mul_backward(gw.view(-1), w.view(-1), aux.view(-1), g.phi, params, flat(dw),
+                         flat(dphi), flat(wz));
+    if (need_x) dx = dy.mm(wz);
+  } else {
+    const Tensor z = g.vector(false).to(x.scalar_type());
+    const Tensor idx = open_units(z, compact_below);
+    if (granularity == "in") {
+      if (!idx.defined()) {
+        const Tensor dxz = (need_x || need_phi) ? dy.mm(weight) : Tensor();  // a first layer needs neither
+        if (need_x) dx = dxz * z;
+        if (need_w) dw = dy.t().mm(x1 * z);
+        if (need_phi) dphi = g.vector_backward((dxz * x1).sum(0));
+      } else {
+        const Tensor zo = z.index_select(0, idx), xo = x1.index_select(1, idx);
+        const Tensor dxz = (need_x || need_phi) ? dy.mm(weight.index_select(1, idx)) : Tensor();  // [M, open]
+        if (need_x) dx = at::zeros(x1.sizes(), x1.options()).index_copy_(1, idx, dxz * zo);
+        if (need_w) dw = at::zeros(weight.sizes(), weight.options()).index_copy_(1, idx, dy.t().mm(xo * zo));
+        if (need_phi) dphi = g.vector_backward(at::zeros_like(z).index_copy_(0, idx, (dxz * xo).sum(0)));
+      }
+    } else {
+      const Tensor dy_pre = dy * z;
+      if (need_b && bias.has_value()) db = dy_pre.sum(0);
+      if (!idx.defined()) {
+        if (need_x) dx = dy_pre.mm(weight);
+        if (need_w) dw = dy_pre.t().mm(x1);
+      } else {
+        const Tensor dyo = dy_pre.index_select(1, idx);
+        if (need_x) dx = dyo.mm(weight.index_select(0, idx));
+        if (need_w) dw = at::zeros(weight.sizes(), weight.options()).index_copy_(0, idx, dyo.t().mm(x1));
+      }
+      if (need_phi) dphi = g.vector_backward((dy * aux).sum(0));
+    }
+  }
+  if (dx.defined() && paired) dx = at::cat({dx, at::zeros({m_all - m, dx.size(1)}, dx.options())});
+  if (want_phi) dphi = dphi.defined() ? dphi.view(phi.sizes()) : at::zeros_like(phi);
+  auto or_empty = [](const Tensor& t, const Tensor& like) { return t.defined() ? t : at::empty({0}, like.options()); };
+  return {or_empty(dx, x), or_empty(dw, x), or_empty(db, x), or_empty(dphi, phi)};
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// One autograd node per layer call: the forward saves its inputs and aux, the backward calls
+// gated_linear_backward. aux is not differentiable and its gradient is never materialized.
+struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                               const std::optional<Tensor>& bias, const Tensor& phi, const Tensor& seed,
+                               const Tensor& offset, int64_t family, std::vector<double> params,
+                               std::string granularity, bool training, bool paired,
+                               bool keep_sample, double compact_below) {
+    auto [y, aux] = gated_linear(x, weight, bias, phi, seed, offset, family, params, granularity,
+                                 training, paired, keep_sample, compact_below);
+    ctx->save_for_backward({x, weight, bias.value_or(Tensor()), phi, seed, offset, aux});
+    ctx->saved_data["family"] = family;
+    ctx->saved_data["params"] = params;
+    ctx->saved_data["granularity"] = granularity;
+    ctx->saved_data["flags"] = std::vector<bool>{training, paired, keep_sample};
+    ctx->saved_data["compact_below"] = compact_below;
+    ctx->mark_non_differentiable({aux});
+    ctx->set_materialize_grads(false);
+    return {y, aux};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(13);
+    const variable_list saved = ctx->get_saved_variables();
+    const bool has_bias = saved[2].defined();
+    // needs_input_grad counts the tensor inputs that were passed: without a bias, phi is the third
+    const std::array<bool, 4> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                    has_bias && ctx->needs_input_grad(2),
+                                    ctx->needs_input_grad(has_bias ? 3 : 2)};
+    if (!grads[0].defined() || !(needs[0] || needs[1] || needs[2] || needs[3])) return out;
+    const std::optional<Tensor> b = has_bias ? std::optional<Tensor>(saved[2]) : std::nullopt;
+    const std::vector<double> params = ctx->saved_data["params"].toDoubleVector();
+    const std::string granularity = ctx->saved_data["granularity"].toStringRef();
+    const c10::List<bool> flags = ctx->saved_data["flags"].toBoolList();
+    auto [dx, dw, db, dphi] = gated_linear_backward(
+        grads[0], saved[0], saved[1], b, saved[3], saved[4], saved[5], saved[6],
+        ctx->saved_data["family"].toInt(), params, granularity, flags[0], flags[1], flags[2],
+        ctx->saved_data["compact_below"].toDouble(), needs);
+    const Tensor grads_in[4] = {dx, dw, db, dphi};
+    for (int i = 0; i < 4; ++i) {
+      if (needs[i]) out[i] = grads_in[i];
+    }
+    return out;
+  }
+};
+
+}  // namespace
+
+// The Autograd kernel of npn_ext::gated_linear (registered in csrc/register.cpp).
+std::tuple<Tensor, Tensor> gated_linear_autograd(
+    const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& phi,
+    const Tensor& seed, const Tensor& offset, int64_t family, c10::ArrayRef<double> params,
+    c10::string_view granularity, bool training, bool paired, bool keep_sample,
+    double compact_below) {
+  variable_list out = GatedLinearFunction::apply(
+      x, weight, bias, phi, seed, offset, family, params.vec(),
+      std::string(granularity), training, paired, keep_sample, compact_below);
+  return {out[0], out[1]};
+}
+
+}  // namespace npn::cpu
