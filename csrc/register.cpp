@@ -26,6 +26,7 @@ TORCH_LIBRARY_IMPL(npn_ext, CPU, m) {
 // Ops whose backward is a C++ autograd node (no Python between forward and backward).
 TORCH_LIBRARY_IMPL(npn_ext, AutogradCPU, m) {
   m.impl("gated_linear", &npn::cpu::gated_linear_autograd);
+  m.impl("l0_penalty", &npn::cpu::l0_penalty_autograd);
 }
 
 // Scalar-only ops carry no tensor to dispatch on.

@@ -1,6 +1,7 @@
 // CPU kernels of gate sampling and the L0 penalty (DESIGN 2.1, 2.2, 4.2): the formulas are in
 // npn/gates.h, the noise in npn/philox.h, the 64-element blocks in blocks.h. Noise is never
 // stored: backward regenerates it.
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -193,12 +194,12 @@ void check_phi(const at::Tensor& phi) {
               phi.scalar_type(), " on ", phi.device());
 }
 
-// t: contiguous CPU tensor of phi's dtype and the given shape.
-void check_output(const at::Tensor& t, const at::Tensor& phi, const char* name) {
-  TORCH_CHECK(t.is_cpu() && t.is_contiguous() && t.scalar_type() == phi.scalar_type() &&
-                  t.sizes() == phi.sizes(),
-              name, ": expected a contiguous CPU tensor of dtype ", phi.scalar_type(),
-              " and shape ", phi.sizes(), ", got ", t.scalar_type(), " ", t.sizes(),
+// t: contiguous CPU tensor of like's dtype and shape.
+void check_output(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.is_cpu() && t.is_contiguous() && t.scalar_type() == like.scalar_type() &&
+                  t.sizes() == like.sizes(),
+              name, ": expected a contiguous CPU tensor of dtype ", like.scalar_type(),
+              " and shape ", like.sizes(), ", got ", t.scalar_type(), " ", t.sizes(),
               t.is_contiguous() ? "" : " (non-contiguous)", " on ", t.device());
 }
 
@@ -358,15 +359,89 @@ void sample_gates_backward_from_z(const at::Tensor& grad_z, const at::Tensor& z,
 
 namespace {
 
-// weight: None or phi-shaped, phi's dtype, CPU; returned contiguous (undefined for None).
+// weight: None, phi-shaped or grouped [A, P, B] (P = phi.numel()), phi's dtype, CPU; returned
+// contiguous (undefined for None).
 at::Tensor checked_weight(const std::optional<at::Tensor>& weight, const at::Tensor& phi) {
   if (!weight.has_value() || !weight->defined()) return at::Tensor();
   const at::Tensor& w = *weight;
-  TORCH_CHECK(w.is_cpu() && w.scalar_type() == phi.scalar_type() && w.sizes() == phi.sizes(),
+  const bool grouped = w.dim() == 3 && w.size(1) == phi.numel();
+  TORCH_CHECK(w.is_cpu() && w.scalar_type() == phi.scalar_type() &&
+                  (w.sizes() == phi.sizes() || grouped),
               "weight: expected None or a CPU tensor of dtype ", phi.scalar_type(),
-              " and shape ", phi.sizes(), ", got ", w.scalar_type(), " ", w.sizes(), " on ",
-              w.device());
+              " and shape ", phi.sizes(), " or [A, ", phi.numel(), ", B], got ",
+              w.scalar_type(), " ", w.sizes(), " on ", w.device());
   return w.contiguous();
+}
+
+bool is_grouped(const at::Tensor& w, const at::Tensor& phi) {
+  return w.defined() && w.sizes() != phi.sizes();
+}
+
+// Grain of the grouped loops in weights: ~0.2 ns per weight, so ~10 us per task.
+constexpr int64_t kGrainWeights = 64 * 1024;
+
+// q_p = sum_ab W[a, p, b]^2 of contiguous grouped weights [A, P, B], phi-shaped, in the math
+// dtype (float32; float64 for float64): summed in float16 a group overflows past 65504 (300
+// weights of 20.0). One pass, no [A, P, B] temporary: W.square() cost a 1 MB buffer per 784x300
+// layer, which glibc's default allocator page-faults in anew on every call (~0.3 ms).
+at::Tensor grouped_sumsq(const at::Tensor& w, const at::Tensor& phi) {
+  const int64_t A = w.size(0), P = w.size(1), B = w.size(2);
+  at::Tensor q = at::empty(phi.sizes(), w.options().dtype(w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "grouped_sumsq", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    T* qp = q.mutable_data_ptr<T>();
+    const int64_t grain = std::max<int64_t>(1, kGrainWeights / std::max<int64_t>(1, A * B));
+    at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
+      std::fill(qp + p0, qp + p1, T(0));
+      for (int64_t a = 0; a < A; ++a) {
+        const scalar_t* wa = wp + a * P * B;
+        if (B == 1) {  // "in" gates of a linear layer: q accumulates a row of W at a time (vectorized)
+          for (int64_t p = p0; p < p1; ++p) {
+            const T v = static_cast<T>(wa[p]);
+            qp[p] += v * v;
+          }
+          continue;
+        }
+        for (int64_t p = p0; p < p1; ++p) {
+          const scalar_t* wr = wa + p * B;
+          T acc = 0;
+          for (int64_t b = 0; b < B; ++b) acc += static_cast<T>(wr[b]) * static_cast<T>(wr[b]);
+          qp[p] += acc;
+        }
+      }
+    });
+  });
+  return q;
+}
+
+// grad_weight [A, P, B] = 2 W[a, p, b] grad_q[p]: written in one pass (grad_q in the math dtype).
+void grouped_sumsq_backward(const at::Tensor& w, const at::Tensor& grad_q, const at::Tensor& grad_weight) {
+  const int64_t A = w.size(0), P = w.size(1), B = w.size(2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "grouped_sumsq_backward", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const T* gq = grad_q.const_data_ptr<T>();
+    scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, A * P, std::max<int64_t>(1, kGrainWeights / std::max<int64_t>(1, B)), [&](int64_t r0, int64_t r1) {
+      if (B == 1) {
+        for (int64_t r = r0; r < r1;) {  // runs of p within one a: r % P once per run
+          const int64_t p0 = r % P, len = std::min(r1 - r, P - p0);
+          const scalar_t* wr = wp + r;
+          scalar_t* gr = gw + r;
+          for (int64_t k = 0; k < len; ++k) gr[k] = static_cast<scalar_t>(static_cast<T>(wr[k]) * (2 * gq[p0 + k]));
+          r += len;
+        }
+        return;
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        const T c = 2 * gq[r % P];
+        const scalar_t* wr = wp + r * B;
+        scalar_t* gr = gw + r * B;
+        for (int64_t b = 0; b < B; ++b) gr[b] = static_cast<scalar_t>(static_cast<T>(wr[b]) * c);
+      }
+    });
+  });
 }
 
 template <typename T>
@@ -376,13 +451,19 @@ PenaltyCoef<T> make_coef(double group_size, double l0, double weight_decay) {
 
 }  // namespace
 
-// phi [*S], weight None or [*S] -> 0-dim float32 (float64 for float64 phi).
+// phi [*S], weight None, [*S] or grouped [A, P, B] (q_p = sum_ab W[a, p, b]^2) -> 0-dim float32
+// (float64 for float64 phi).
 at::Tensor l0_penalty(const at::Tensor& phi, const std::optional<at::Tensor>& weight,
                       int64_t family, c10::ArrayRef<double> params, double group_size, double l0,
                       double weight_decay, bool sumsq) {
   check_phi(phi);
   const GateSpec spec = parse_gate_spec(family, params);
   const at::Tensor w = checked_weight(weight, phi);
+  if (is_grouped(w, phi)) {
+    const at::Tensor q = grouped_sumsq(w, phi);
+    return l0_penalty(phi.to(q.scalar_type()), q, family, params, group_size, l0, weight_decay,
+                      true);
+  }
   const at::ScalarType acc_type =
       phi.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty({}, phi.options().dtype(acc_type));
@@ -421,7 +502,17 @@ void l0_penalty_backward(const at::Tensor& grad, const at::Tensor& phi,
   const bool has_gw = grad_weight.has_value() && grad_weight->defined();
   if (has_gw) {
     TORCH_CHECK(w.defined(), "grad_weight: expected None when weight is None");
-    check_output(*grad_weight, phi, "grad_weight");
+    check_output(*grad_weight, w, "grad_weight");
+  }
+  if (is_grouped(w, phi)) {
+    // the sumsq kernel's dL/dq_p, then dL/dW = 2 W dL/dq_p in one broadcast multiply
+    const at::Tensor q = grouped_sumsq(w, phi);
+    const at::Tensor grad_phi_q = at::empty_like(q), grad_q = at::empty_like(q);
+    l0_penalty_backward(grad, phi.to(q.scalar_type()), q, family, params, group_size, l0,
+                        weight_decay, true, grad_phi_q, grad_q);
+    grad_phi.copy_(grad_phi_q);
+    if (has_gw) grouped_sumsq_backward(w, grad_q, *grad_weight);
+    return;
   }
   const int64_t n = phi.numel();
   if (n == 0) return;

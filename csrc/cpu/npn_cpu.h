@@ -26,6 +26,7 @@ GateSpec parse_gate_spec(int64_t family, c10::ArrayRef<double> params);
 int64_t gate_batch(const at::Tensor& z, const at::Tensor& phi, const char* name);
 
 // Gate sampling and the L0 penalty (csrc/cpu/gates.cpp); schemas in npn_kernels/_ext.py.
+// weight of the penalty: None, phi-shaped, or grouped [A, P, B] (q_p = sum_ab W[a, p, b]^2).
 void sample_gates(const at::Tensor& phi, const at::Tensor& seed, const at::Tensor& offset,
                   int64_t family, c10::ArrayRef<double> params, bool training,
                   const at::Tensor& out);
@@ -43,6 +44,10 @@ void l0_penalty_backward(const at::Tensor& grad, const at::Tensor& phi,
                          c10::ArrayRef<double> params, double group_size, double l0,
                          double weight_decay, bool sumsq, const at::Tensor& grad_phi,
                          const std::optional<at::Tensor>& grad_weight);
+// Its Autograd kernel (csrc/cpu/autograd.cpp): the backward is a C++ node.
+at::Tensor l0_penalty_autograd(const at::Tensor& phi, const std::optional<at::Tensor>& weight,
+                               int64_t family, c10::ArrayRef<double> params, double group_size,
+                               double l0, double weight_decay, bool sumsq);
 // Gate application (csrc/cpu/gate_mul.cpp): a [R, P, C] times the gates of phi [P].
 // check_antithetic (shared with the CUDA glue): antithetic only for Binary gates in training.
 void check_antithetic(int64_t family, bool training, bool antithetic);

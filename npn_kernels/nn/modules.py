@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from npn_kernels import ops
 from npn_kernels.gates import Binary, HardConcrete, check_gate, compute_dtype
-from npn_kernels.ops.gates.function import FLOAT_DTYPES
+from npn_kernels.ops.gates.function import FLOAT_DTYPES, check_finite, checked_l0_penalty
 
 GRANULARITIES = ("weight", "in", "out")
 # Louizos et al.'s initial drop rate: phi = log(1 - d) - log(d) + N(0, 1e-2) (= N(0, 1e-2) at d = 0.5)
@@ -213,8 +213,9 @@ class GatedModule(nn.Module):
     def penalty(self) -> Tensor:
         """L0 + expected-L2 penalty (DESIGN 2.1/2.2) + weight_decay/2·||bias||² (the bias is ungated): 0-dim."""
         phi_view, weight_view = self._group_shapes()
-        p = ops.l0_penalty(self.phi.view(phi_view), self.gate, group_size=self.group_size, weight=self.weight.view(weight_view),
-                           l0=self.l0, weight_decay=self.weight_decay)  # fmt: skip
+        # the layer's own arguments, checked when it was built (ops.l0_penalty re-checks each per call)
+        phi = check_finite("phi", self.phi).view(phi_view)
+        p = checked_l0_penalty(phi, self.gate, float(self.group_size), self.weight.view(weight_view), self.l0, self.weight_decay)
         if self.bias is not None and self.weight_decay:
             p = p + (self.weight_decay / 2) * self.bias.to(p.dtype).square().sum()
         return p

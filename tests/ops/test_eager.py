@@ -67,14 +67,14 @@ def test_layer_eager_path_equals_custom_op(case, backend):
 def test_gate_ops_eager_path_equals_custom_op(backend):
     from npn_kernels.ops.gates.function import l0_penalty_op, sample_gates_op
 
-    phi, weight = torch.randn(3, 5), torch.randn(3, 5)
+    phi, weight, grouped = torch.randn(3, 5), torch.randn(3, 5), torch.randn(4, 15, 2)  # grouped: [A, P, B]
     seed, offset = rng_tensors(8, 2, "cpu")
     with npn.backends.use(backend):
-        for eager_op, name, args in (
-            (sample_gates_op, "sample_gates", (seed, offset, 1, HC, True, 2)),
-            (l0_penalty_op, "l0_penalty", (1, HC, 1.0, 0.3, 0.2, False)),
+        for eager_op, name, args, leaves in (
+            (sample_gates_op, "sample_gates", (seed, offset, 1, HC, True, 2), [phi]),
+            (l0_penalty_op, "l0_penalty", (1, HC, 1.0, 0.3, 0.2, False), [phi, weight]),
+            (l0_penalty_op, "l0_penalty", (0, [2.0], 8.0, 0.3, 0.2, False), [phi, grouped]),
         ):
-            leaves = [phi] if name == "sample_gates" else [phi, weight]
             eager, _ = _grads(eager_op, leaves, *args)
             op, _ = _grads(getattr(torch.ops.npn, name).default, leaves, *args)
             for a, b in zip(eager, op):

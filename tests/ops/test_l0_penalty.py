@@ -178,6 +178,26 @@ def test_launchers_overwrite_every_element(backend, gate, weight_kind, n):
         assert_close(grad_weight, want_weight)
 
 
+@pytest.mark.ext
+@pytest.mark.parametrize("gate", [npn.Binary(), npn.HardConcrete()], ids=["binary", "hc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_cpu_launchers_take_grouped_weights(gate, dtype):
+    """The C++ launchers with W [A, P, B]: the penalty of q_p = sum_ab W[a, p, b]² and
+    dL/dW = 2 W dL/dq_p, written over every element (poisoned outputs)."""
+    phi, weight = torch.randn(67, dtype=dtype) * 2, torch.randn(3, 67, 5, dtype=dtype)
+    args = (gate.family, list(gate.params), 15.0, L0, WD)
+    q = weight.double().square().sum(dim=(0, 2))
+    penalty = _ext.ops.l0_penalty(phi, weight, *args, False)
+    expected = reference.l0_penalty(phi.double(), gate, 15.0, q, L0, WD, True)
+    assert_close(penalty.double(), expected, dtype)
+    grad_phi, grad_weight = poisoned((67,), dtype), poisoned((3, 67, 5), dtype)
+    grad = torch.tensor(1.7, dtype=torch.float64)
+    _ext.ops.l0_penalty_backward(grad, phi, weight, *args, False, grad_phi, grad_weight)
+    want_phi, want_q = reference.l0_penalty_backward(grad, phi.double(), gate, 15.0, q, L0, WD, True)
+    assert_close(grad_phi.double(), want_phi, dtype)
+    assert_close(grad_weight.double(), 2 * weight.double() * want_q.view(1, -1, 1), dtype)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gate", [npn.Binary(), npn.HardConcrete()], ids=["binary", "hc"])
 @pytest.mark.parametrize("weight_kind", ["none", "weight", "sumsq", "grouped"])

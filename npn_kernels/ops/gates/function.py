@@ -201,12 +201,18 @@ def l0_penalty_op(
     sumsq: bool,
 ) -> Tensor:
     """0-dim penalty, float64 for float64 phi, else float32. weight: None; phi-shaped (q = W², or q =
-    weight itself with sumsq); or grouped [A, P, B] with P = phi.numel(): q_p = sum_ab W[a, p, b]²."""
-    if weight is not None and weight.shape != phi.shape:
+    weight itself with sumsq); or grouped [A, P, B] with P = phi.numel(): q_p = sum_ab W[a, p, b]²
+    (the C++ kernels take it as it is; the other backends get q from _grouped)."""
+    if _regroup(phi, weight):
         phi, weight = _grouped(phi, weight)
         sumsq = True
     weight = None if weight is None else weight.contiguous()
     return kernels(phi.device).l0_penalty(phi.contiguous(), weight, family, params, group_size, l0, weight_decay, sumsq)
+
+
+def _regroup(phi: Tensor, weight: Tensor | None) -> bool:
+    """Whether grouped weights go to the kernels as (phi, q) of _grouped: every backend but cpu."""
+    return weight is not None and weight.shape != phi.shape and backends.select(phi.device) != "cpu"
 
 
 def _grouped(phi: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -234,9 +240,9 @@ def l0_penalty_backward_op(
     weight_decay: float,
     sumsq: bool,
 ) -> tuple[Tensor, Tensor]:
-    """(grad_phi, grad_weight): phi's and weight's dtype, phi-shaped; grad_weight is empty [0]
+    """(grad_phi, grad_weight): phi's and weight's dtype and shape; grad_weight is empty [0]
     when weight is None (a custom op cannot return None)."""
-    if weight is not None and weight.shape != phi.shape:
+    if _regroup(phi, weight):
         # grouped [A, P, B]: the kernel's sumsq gradient dL/dq_p, then dL/dW = 2 W dL/dq_p in one
         # broadcast multiply (the autograd of W.square().sum() took ~0.2 ms per 784x300 layer)
         phi_q, q = _grouped(phi, weight)
@@ -276,6 +282,16 @@ def _l0_penalty_backward(ctx, grad):
 
 
 l0_penalty_op.register_autograd(_l0_penalty_backward, setup_context=_l0_penalty_setup)
+
+
+def _l0_penalty_native(phi, weight, family, params, group_size, l0, weight_decay, sumsq):
+    """An eager call on the cpu backend: the C++ op with its C++ autograd node (csrc/cpu/autograd.cpp)."""
+    if backends.select(phi.device) != "cpu":
+        return None
+    return _ext.ops.l0_penalty(phi, weight, family, params, group_size, l0, weight_decay, sumsq)
+
+
+l0_penalty_op.register_native(_l0_penalty_native)
 
 
 # ---- public functions ------------------------------------------------------------------------
@@ -384,7 +400,6 @@ def l0_penalty(
     group_size = _check_number("group_size", group_size, positive=True)
     l0 = _check_number("l0", l0, positive=False)
     weight_decay = _check_number("weight_decay", weight_decay, positive=False)
-    arg, tie = None, None
     if weight is not None:
         if not isinstance(weight, Tensor):
             raise TypeError(f"weight: expected None or a tensor, got {type(weight).__name__}")
@@ -401,6 +416,14 @@ def l0_penalty(
             raise ValueError(
                 f"group_size: expected weight.numel() / phi.numel() = {weight.numel() / phi.numel():g}, got {group_size:g}"
             )
+    return checked_l0_penalty(phi, gate, group_size, weight, l0, weight_decay)
+
+
+def checked_l0_penalty(phi: Tensor, gate, group_size: float, weight: Tensor | None, l0: float, weight_decay: float) -> Tensor:
+    """l0_penalty on arguments already checked (the gated layers' own, validated when they were
+    built; phi's values are not: pass them through check_finite)."""
+    arg, tie = None, None
+    if weight is not None:
         if weight_decay == 0:
             # W enters only through (wd/2)·||W_g||²: left out, a huge W (||W_g||² = inf) cannot turn
             # 0·inf into NaN; an empty slice of W keeps it in the graph with a zero gradient
