@@ -143,6 +143,9 @@ CASES = [
     # ---- npn.ops.l0_penalty
     bad("l0_penalty-phi-int", lambda w: _penalty(w, phi=torch.ones(1, 5, dtype=torch.int64)), TypeError, r"phi: expected a float16"),
     bad("l0_penalty-phi-nan", lambda w: _penalty(w, phi=_nan(w.phi).view(1, 5)), ValueError, r"phi: expected finite values"),
+    # +inf phi gives the finite pi = 1: the check reads phi itself, not the penalty's sum
+    bad("l0_penalty-phi-inf", lambda w: _penalty(w, phi=torch.full((1, 5), INF)), ValueError,
+        r"phi: expected finite values, got 5 NaN or infinite of 5"),
     bad("l0_penalty-shape", lambda w: _penalty(w, weight=w.w.t()), ValueError, r"phi: expected a shape that broadcasts"),
     bad("l0_penalty-weight-dtype", lambda w: _penalty(w, weight=w.w.double()), TypeError, r"weight: expected phi's dtype"),
     bad("l0_penalty-weight-int", lambda w: _penalty(w, weight=w.w.int()), TypeError, r"weight: expected phi's dtype"),
@@ -169,6 +172,8 @@ CASES = [
     bad("gated_linear-noise-weight", lambda w: _linear(w, noise="example", granularity="weight", phi=w.w), ValueError,
         r"noise: 'example' needs granularity 'in' or 'out'"),
     bad("gated_linear-phi-nan", lambda w: _linear(w, phi=_nan(w.phi)), ValueError, r"phi: expected finite values"),
+    bad("gated_linear-phi-inf", lambda w: _linear(w, phi=torch.full_like(w.phi, INF)), ValueError,
+        r"phi: expected finite values, got 5 NaN or infinite of 5"),
     # hard-concrete weight gates on the CPU kernels: checked inside hc_gate_mul's sampling pass
     bad("gated_linear-weight-phi-nan", lambda w: _linear(w, granularity="weight", phi=_nan(torch.zeros_like(w.w))), ValueError,
         r"phi: expected finite values, got 1 NaN or infinite of"),

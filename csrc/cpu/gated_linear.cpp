@@ -170,6 +170,7 @@ std::tuple<Tensor, Tensor> gated_linear(const Tensor& x, const Tensor& weight,
   check_layer(x, weight, bias, phi, granularity, family, training, paired, keep_sample);
   const Gates g{phi.reshape(-1).contiguous(), seed, offset, family, params, training};
   const Tensor none = at::empty({0}, x.options());
+  if (!keep_sample) check_finite_phi(g.phi);  // hc_gate_mul checks in its sampling pass
   if (keep_sample) {
     const Tensor w = weight.contiguous();
     Tensor wz = workspace_like(w);

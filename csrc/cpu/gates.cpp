@@ -115,20 +115,27 @@ void sample_backward_kernel(const scalar_t* gz, const scalar_t* phi, scalar_t* g
   });
 }
 
+// The penalty's sum and how many phi were NaN or infinite (read in the same pass).
+struct PenaltySum {
+  double total;
+  int64_t not_finite;
+};
+
 // sum_g P_g (l0 |g| + wd/2 q_g) over phi [n], in double partial sums.
 template <typename scalar_t, int64_t F, int kW>
-double penalty_kernel(const scalar_t* phi, const scalar_t* w, int64_t n,
-                      const Gate<at::opmath_type<scalar_t>>& gate,
-                      const PenaltyCoef<at::opmath_type<scalar_t>>& coef) {
+PenaltySum penalty_kernel(const scalar_t* phi, const scalar_t* w, int64_t n,
+                          const Gate<at::opmath_type<scalar_t>>& gate,
+                          const PenaltyCoef<at::opmath_type<scalar_t>>& coef) {
   using T = at::opmath_type<scalar_t>;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   return at::parallel_reduce(
-      0, blocks, kGrainPenalty, 0.0,
-      [&](int64_t b0, int64_t b1, double ident) {
+      0, blocks, kGrainPenalty, PenaltySum{0.0, 0},
+      [&](int64_t b0, int64_t b1, PenaltySum ident) {
         const Gate<T> g = gate;  // local copies, see sample_kernel
         const PenaltyCoef<T> c = coef;
         double lanes[kLanes] = {};
         T terms[kBlock];
+        int64_t bad = 0;
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t j0 = blk * kBlock;
           const int64_t len = std::min(kBlock, n - j0);
@@ -138,16 +145,21 @@ double penalty_kernel(const scalar_t* phi, const scalar_t* w, int64_t n,
             const T p = gate_prob<F>(static_cast<T>(x[k]), g).p;
             terms[k] = penalty_term(p, weight_q<kW, T>(wb, k), c);
           }
+          for (int64_t k = 0; k < len; ++k) {  // v - v is NaN exactly for NaN or infinite v
+            const T v = static_cast<T>(x[k]);
+            bad += (v - v == T(0)) ? 0 : 1;
+          }
           std::fill(terms + len, terms + kBlock, T(0));
           for (int64_t k = 0; k < kBlock; k += kLanes) {
             for (int64_t l = 0; l < kLanes; ++l) lanes[l] += static_cast<double>(terms[k + l]);
           }
         }
-        double s = ident;
-        for (int64_t l = 0; l < kLanes; ++l) s += lanes[l];
+        PenaltySum s = ident;
+        for (int64_t l = 0; l < kLanes; ++l) s.total += lanes[l];
+        s.not_finite += bad;
         return s;
       },
-      std::plus<double>());
+      [](PenaltySum a, PenaltySum b) { return PenaltySum{a.total + b.total, a.not_finite + b.not_finite}; });
 }
 
 // grad_phi [n] = grad * d penalty / d phi; grad_weight [n] (if given) = grad * d penalty / d w.
@@ -204,6 +216,26 @@ void check_output(const at::Tensor& t, const at::Tensor& like, const char* name)
 }
 
 }  // namespace
+
+void check_finite_phi(const at::Tensor& phi) {
+  int64_t bad = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, phi.scalar_type(), "check_finite_phi", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const at::Tensor x = phi.contiguous();
+    const scalar_t* p = x.const_data_ptr<scalar_t>();
+    bad = at::parallel_reduce(0, x.numel(), kGrainPenalty * kBlock, int64_t{0},
+                              [&](int64_t i0, int64_t i1, int64_t acc) {
+                                for (int64_t i = i0; i < i1; ++i) {
+                                  const T v = static_cast<T>(p[i]);
+                                  acc += (v - v == T(0)) ? 0 : 1;  // NaN exactly for NaN or inf
+                                }
+                                return acc;
+                              },
+                              std::plus<int64_t>());
+  });
+  TORCH_CHECK_VALUE(bad == 0, "phi: expected finite values, got ", bad, " NaN or infinite of ",
+                    phi.numel());
+}
 
 GateSpec parse_gate_spec(int64_t family, c10::ArrayRef<double> params) {
   GateSpec s{family, 0.0, 0.0, 0.0, 0.0};
@@ -469,7 +501,7 @@ at::Tensor l0_penalty(const at::Tensor& phi, const std::optional<at::Tensor>& we
   at::Tensor out = at::empty({}, phi.options().dtype(acc_type));
   const at::Tensor x = phi.contiguous();
   const int64_t n = x.numel();
-  double total = 0.0;
+  PenaltySum sum{0.0, 0};
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, phi.scalar_type(), "l0_penalty", [&] {
         using T = at::opmath_type<scalar_t>;
@@ -478,12 +510,14 @@ at::Tensor l0_penalty(const at::Tensor& phi, const std::optional<at::Tensor>& we
         const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
         with_family(spec.family, [&](auto fam) {
           with_weight_kind(w.defined(), sumsq, [&](auto kind) {
-            total = penalty_kernel<scalar_t, decltype(fam)::value, decltype(kind)::value>(
+            sum = penalty_kernel<scalar_t, decltype(fam)::value, decltype(kind)::value>(
                 x.const_data_ptr<scalar_t>(), wp, n, g, c);
           });
         });
       });
-  out.fill_(total);
+  TORCH_CHECK_VALUE(sum.not_finite == 0, "phi: expected finite values, got ", sum.not_finite,
+                    " NaN or infinite of ", n);
+  out.fill_(sum.total);
   return out;
 }
 

@@ -24,6 +24,8 @@ std::string build_info();
 // B of a gate-shaped tensor z: 1 if z has phi's shape, z.size(0) if it is [B, *phi.shape].
 GateSpec parse_gate_spec(int64_t family, c10::ArrayRef<double> params);
 int64_t gate_batch(const at::Tensor& z, const at::Tensor& phi, const char* name);
+// ValueError "phi: expected finite values, ..." when phi holds NaN or infinite values.
+void check_finite_phi(const at::Tensor& phi);
 
 // Gate sampling and the L0 penalty (csrc/cpu/gates.cpp); schemas in npn_kernels/_ext.py.
 // weight of the penalty: None, phi-shaped, or grouped [A, P, B] (q_p = sum_ab W[a, p, b]^2).

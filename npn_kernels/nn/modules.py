@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from npn_kernels import ops
 from npn_kernels.gates import Binary, HardConcrete, check_gate, compute_dtype
-from npn_kernels.ops.gates.function import FLOAT_DTYPES, check_finite, checked_l0_penalty
+from npn_kernels.ops.gates.function import FLOAT_DTYPES, check_finite, checked_l0_penalty, kernel_checks_phi
 
 GRANULARITIES = ("weight", "in", "out")
 # Louizos et al.'s initial drop rate: phi = log(1 - d) - log(d) + N(0, 1e-2) (= N(0, 1e-2) at d = 0.5)
@@ -214,7 +214,7 @@ class GatedModule(nn.Module):
         """L0 + expected-L2 penalty (DESIGN 2.1/2.2) + weight_decay/2·||bias||² (the bias is ungated): 0-dim."""
         phi_view, weight_view = self._group_shapes()
         # the layer's own arguments, checked when it was built (ops.l0_penalty re-checks each per call)
-        phi = check_finite("phi", self.phi).view(phi_view)
+        phi = (self.phi if kernel_checks_phi(self.phi) else check_finite("phi", self.phi)).view(phi_view)
         p = checked_l0_penalty(phi, self.gate, float(self.group_size), self.weight.view(weight_view), self.l0, self.weight_decay)
         if self.bias is not None and self.weight_decay:
             p = p + (self.weight_decay / 2) * self.bias.to(p.dtype).square().sum()

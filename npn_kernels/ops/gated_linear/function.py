@@ -379,7 +379,7 @@ def gated_linear(
     gate = check_gate(gate)
     training, paired = check_flag("training", training), check_flag("paired", paired)
     keep = keeps_sample(x.device, gate.family, granularity, training)
-    if not keep:  # hc_gate_mul checks phi in the pass that samples the gates
+    if not _in_cpp(x.device, granularity, noise == "example", keep):  # the C++ layer checks phi itself
         check_finite("phi", phi)
     if granularity not in reference.GRANULARITIES:
         raise ValueError(f"granularity: expected one of {', '.join(reference.GRANULARITIES)}, got {granularity!r}")
