@@ -94,8 +94,12 @@ def runs_on(name: str, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and _env.triton_interpret())
 
 
+@torch.compiler.assume_constant_result
 def select(device: torch.device | str) -> str:
-    """The backend that runs an op on tensors of ``device``."""
+    """The backend that runs an op on tensors of ``device``.
+
+    Under torch.compile the answer is read when the graph is traced and kept in it (dynamo cannot
+    trace the ContextVar behind `use`): a graph runs on the backend it was compiled under."""
     device = torch.device(device)
     name = current()
     if name is not None:

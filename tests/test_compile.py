@@ -93,6 +93,24 @@ def test_compiled_network_matches_eager(training):
     assert all(o > start for o in offsets) if training else offsets == [start] * 4
 
 
+@pytest.mark.parametrize("granularity", ["weight", "in"])
+def test_compiled_linear_on_the_cpu_backends_c_plus_plus_layer(granularity):
+    """Hard-concrete weight gates in training keep their sample and "in" gates run in the cpu
+    backend's C++ layer: the backend is read once, when the graph is traced (backends.select)."""
+    torch._dynamo.reset()
+    model = npn.GatedLinear(9, 5, gate=HC, granularity=granularity, l0=0.1, weight_decay=0.01)
+    eager = copy.deepcopy(model)
+    with torch._inductor.config.patch(INDUCTOR):
+        compiled = torch.compile(lambda x: model(x).square().sum() + model.penalty(), fullgraph=True)
+        for _ in range(2):
+            x = torch.randn(4, 9)
+            loss, loss_eager = compiled(x), eager(x).square().sum() + eager.penalty()
+            assert_close(loss, loss_eager, layer=True)
+            loss.backward()
+            loss_eager.backward()
+            _assert_same_state(model, eager)
+
+
 def test_compiled_objective_matches_eager():
     """ARM's one pass over the doubled batch, the surrogate and the penalty, compiled as one graph."""
     torch._dynamo.reset()
