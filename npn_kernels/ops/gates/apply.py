@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from npn_kernels import backends
-from npn_kernels.gates import compute_dtype
 from npn_kernels.ops.gates.function import FLOAT_DTYPES, kernels
 
 
