@@ -56,15 +56,23 @@ struct Gates {
   }
 };
 
-// A [N, K] tensor like w over this thread's reusable workspace, for W ⊙ z that lives only across
-// one GEMM. Why not a fresh tensor: a 1024x1024 layer's 4 MB temporary, allocated and freed twice
-// per training step beside the kept sample s and the gradients, made glibc's default allocator
-// return the heap top to the OS and page-fault it back every step (~3,500 minor faults per
-// forward + backward, measured 2026-11-24). The workspace only grows: the largest layer's W.
+// The largest W ⊙ z kept in a thread's workspace: 16 MB, a 2048x2048 float32 layer. Past it a
+// fresh tensor's page faults (~0.25 ms per MB here) are small next to the layer's GEMMs (a
+// 4096x4096 layer at M = 128: ~25 ms), and a thread does not hold the memory for good.
+constexpr int64_t kWorkspaceMaxBytes = int64_t{16} << 20;
+
+// A [N, K] tensor like w, for W ⊙ z that lives only across one GEMM: over this thread's reusable
+// workspace up to kWorkspaceMaxBytes. Why not always a fresh tensor: a 1024x1024 layer's 4 MB
+// temporary, allocated and freed twice per training step beside the kept sample s and the
+// gradients, made glibc's default allocator return the heap top to the OS and page-fault it back
+// every step (~3,500 minor faults per forward + backward, measured 2026-11-24).
 Tensor workspace_like(const Tensor& w) {
-  thread_local Tensor buffer;
   const int64_t bytes = w.numel() * static_cast<int64_t>(w.element_size());
-  if (!buffer.defined() || buffer.numel() < bytes) buffer = at::empty({bytes}, w.options().dtype(at::kByte));
+  if (bytes > kWorkspaceMaxBytes) return at::empty_like(w);
+  thread_local Tensor buffer;
+  if (!buffer.defined() || buffer.numel() < bytes) {
+    buffer = at::empty({bytes}, w.options().dtype(at::kByte));
+  }
   return buffer.narrow(0, 0, bytes).view(w.scalar_type()).view(w.sizes());
 }
 

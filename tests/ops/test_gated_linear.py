@@ -243,11 +243,14 @@ def test_backward_runs_on_the_forwards_backend(monkeypatch):
 
 
 @pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_kept_sample_matches_regenerated(dtype):
+@pytest.mark.parametrize("dtype, shape", [(torch.float32, (7, 131, 9)), (torch.bfloat16, (7, 131, 9)),
+                                          (torch.float64, (7, 131, 9)), (torch.float64, (2, 1025, 2048))])  # fmt: skip
+def test_kept_sample_matches_regenerated(dtype, shape):
     """The CPU kernels' hard-concrete weight gates keep s for the backward (csrc/cpu/hc_gate_mul.cpp);
-    forward and all four gradients must equal, bit for bit, the path that regenerates the noise."""
-    x, weight, bias, phi = _inputs(7, 131, 9, "weight", dtype)  # 131·9 gates: not a multiple of 64
+    forward and all four gradients must equal, bit for bit, the path that regenerates the noise.
+    131·9 gates: not a multiple of 64; 1025×2048 float64 (16.8 MB): W ⊙ z past the C++ layer's
+    16 MB workspace, in a tensor of its own."""
+    x, weight, bias, phi = _inputs(*shape, "weight", dtype)
     phi = phi.to(torch.float64 if dtype == torch.float64 else torch.float32)
     seed, offset = rng_tensors(5, 2**33 + 3, "cpu")
     results = []
