@@ -4,6 +4,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <optional>
 #include <type_traits>
@@ -17,6 +18,18 @@ inline bool is_float_dtype(at::ScalarType t) {
 // An optional output of an op (Tensor? in the schema): its tensor, or nullptr when not wanted.
 inline const at::Tensor* optional_output(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? &*t : nullptr;
+}
+
+// 1 for a NaN or infinite v, else 0: v - v is NaN exactly then (branch-free, so the loops that
+// count it while they read phi for other work still vectorize).
+template <typename T>
+inline int64_t not_finite(T v) {
+  return (v - v == T(0)) ? 0 : 1;
+}
+
+// ValueError naming phi when `bad` of its n values are NaN or infinite.
+inline void check_not_finite_count(int64_t bad, int64_t n) {
+  TORCH_CHECK_VALUE(bad == 0, "phi: expected finite values, got ", bad, " NaN or infinite of ", n);
 }
 
 // Calls f(A{}, Phi{}) with a's and phi's scalar types.

@@ -145,10 +145,7 @@ PenaltySum penalty_kernel(const scalar_t* phi, const scalar_t* w, int64_t n,
             const T p = gate_prob<F>(static_cast<T>(x[k]), g).p;
             terms[k] = penalty_term(p, weight_q<kW, T>(wb, k), c);
           }
-          for (int64_t k = 0; k < len; ++k) {  // v - v is NaN exactly for NaN or infinite v
-            const T v = static_cast<T>(x[k]);
-            bad += (v - v == T(0)) ? 0 : 1;
-          }
+          for (int64_t k = 0; k < len; ++k) bad += not_finite(static_cast<T>(x[k]));
           std::fill(terms + len, terms + kBlock, T(0));
           for (int64_t k = 0; k < kBlock; k += kLanes) {
             for (int64_t l = 0; l < kLanes; ++l) lanes[l] += static_cast<double>(terms[k + l]);
@@ -225,16 +222,12 @@ void check_finite_phi(const at::Tensor& phi) {
     const scalar_t* p = x.const_data_ptr<scalar_t>();
     bad = at::parallel_reduce(0, x.numel(), kGrainPenalty * kBlock, int64_t{0},
                               [&](int64_t i0, int64_t i1, int64_t acc) {
-                                for (int64_t i = i0; i < i1; ++i) {
-                                  const T v = static_cast<T>(p[i]);
-                                  acc += (v - v == T(0)) ? 0 : 1;  // NaN exactly for NaN or inf
-                                }
+                                for (int64_t i = i0; i < i1; ++i) acc += not_finite(static_cast<T>(p[i]));
                                 return acc;
                               },
                               std::plus<int64_t>());
   });
-  TORCH_CHECK_VALUE(bad == 0, "phi: expected finite values, got ", bad, " NaN or infinite of ",
-                    phi.numel());
+  check_not_finite_count(bad, phi.numel());
 }
 
 GateSpec parse_gate_spec(int64_t family, c10::ArrayRef<double> params) {
@@ -515,8 +508,7 @@ at::Tensor l0_penalty(const at::Tensor& phi, const std::optional<at::Tensor>& we
           });
         });
       });
-  TORCH_CHECK_VALUE(sum.not_finite == 0, "phi: expected finite values, got ", sum.not_finite,
-                    " NaN or infinite of ", n);
+  check_not_finite_count(sum.not_finite, n);
   out.fill_(sum.total);
   return out;
 }
