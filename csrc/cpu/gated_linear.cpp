@@ -229,7 +229,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward(
   const int64_t m_all = x.size(0), m = paired ? m_all / 2 : m_all;
   const Tensor dy = grad_y.contiguous().narrow(0, 0, m), x1 = x.narrow(0, 0, m);
   Tensor dx, dw, db, dphi;
-  if (need_b && bias.has_value()) db = dy.sum(0);
+  Tensor dy_bias = dy;  // the gradient the bias sees: dy, or dy ⊙ z for "out" gates
   if (keep_sample) {
     // dW = G ⊙ z is written over G = dyᵀx (no second [N, K] buffer); W ⊙ z for dx from s
     const Tensor w = weight.contiguous();
@@ -259,7 +259,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward(
       }
     } else {
       const Tensor dy_pre = dy * z;
-      if (need_b && bias.has_value()) db = dy_pre.sum(0);
+      dy_bias = dy_pre;
       if (!idx.defined()) {
         if (need_x) dx = dy_pre.mm(weight);
         if (need_w) dw = dy_pre.t().mm(x1);
@@ -271,6 +271,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward(
       if (need_phi) dphi = g.vector_backward((dy * aux).sum(0));
     }
   }
+  if (need_b && bias.has_value()) db = dy_bias.sum(0);
   if (dx.defined() && paired) dx = at::cat({dx, at::zeros({m_all - m, dx.size(1)}, dx.options())});
   if (want_phi) dphi = dphi.defined() ? dphi.view(phi.sizes()) : at::zeros_like(phi);
   auto or_empty = [](const Tensor& t, const Tensor& like) { return t.defined() ? t : at::empty({0}, like.options()); };

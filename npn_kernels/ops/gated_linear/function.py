@@ -167,7 +167,7 @@ def _kernel_backward(grad_y, x, weight, bias, phi, seed, offset, aux, family, pa
     dy, x1 = grad_y[:m], x[:m]
     g = LayerGates(phi, seed, offset, family, params, training, example)
     dx = dw = dphi = None
-    db = dy.sum(0) if need_b and bias is not None else None
+    dy_bias = dy  # the gradient the bias sees: dy, or that of y before the gates (dy ⊙ z) for "out" gates
     if granularity == "weight" and (fused := _fused(x1)) is not None:
         dx, dw, dphi = (torch.empty(t.shape, dtype=t.dtype, device=t.device) if need else None
                         for t, need in ((x1, need_x), (weight, need_w), (g.phi, need_phi)))  # fmt: skip
@@ -190,8 +190,7 @@ def _kernel_backward(grad_y, x, weight, bias, phi, seed, offset, aux, family, pa
             n = dy.shape[1]
             dy_pre, dphi, _ = g.mul_backward(dy.contiguous().view(m, n, 1), a.contiguous().view(m, n, 1), True, need_phi,
                                              False)  # fmt: skip
-            dy_pre = dy_pre.view_as(dy)
-            db = dy_pre.sum(0) if need_b and bias is not None else None
+            dy_pre = dy_bias = dy_pre.view_as(dy)
             dx = dy_pre @ weight if need_x else None
             dw = dy_pre.t() @ x1 if need_w else None
     else:
@@ -215,8 +214,7 @@ def _kernel_backward(grad_y, x, weight, bias, phi, seed, offset, aux, family, pa
                 if need_phi:
                     dphi = g.vector_backward(z.new_zeros(z.shape).index_put_((idx,), (dxz * xo).sum(0)))
         else:
-            dy_pre = dy * z
-            db = dy_pre.sum(0) if need_b and bias is not None else None
+            dy_pre = dy_bias = dy * z
             if idx is None:
                 dx = dy_pre @ weight if need_x else None
                 dw = dy_pre.t() @ x1 if need_w else None
@@ -227,6 +225,7 @@ def _kernel_backward(grad_y, x, weight, bias, phi, seed, offset, aux, family, pa
                     dw = weight.new_zeros(weight.shape)
                     dw[idx] = dyo.t() @ x1
             dphi = g.vector_backward((dy * aux).sum(0)) if need_phi else None
+    db = dy_bias.sum(0) if need_b and bias is not None else None
     if dx is not None and paired:
         dx = torch.cat([dx, dx.new_zeros(m_all - m, dx.shape[1])])
     if want_phi:
@@ -263,6 +262,12 @@ def _in_cpp(device: torch.device, granularity: str, example: bool, keep_sample: 
     return backends.select(device) == "cpu" and (keep_sample or (granularity != "weight" and not example))
 
 
+def _cpp_layer(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired, keep_sample):
+    """(y, aux) from the C++ layer; with its autograd node when an input needs a gradient (eager)."""
+    return _ext.ops.gated_linear(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired,
+                                 keep_sample, COMPACT_BELOW)  # fmt: skip
+
+
 @eager.custom_op("npn::gated_linear")
 def gated_linear_op(
     x: Tensor,
@@ -281,8 +286,7 @@ def gated_linear_op(
 ) -> tuple[Tensor, Tensor]:
     """(y [M, N], aux) for x [M, K], weight [N, K], bias [N] or None; aux: see _aux_shape."""
     if _in_cpp(x.device, granularity, example, keep_sample):
-        return _ext.ops.gated_linear(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired,
-                                     keep_sample, COMPACT_BELOW)  # fmt: skip
+        return _cpp_layer(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired, keep_sample)
     if keep_sample:
         raise ValueError("keep_sample: only the cpu backend's C++ layer keeps the hard-concrete sample")
     y, aux = _kernel_forward(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired)
@@ -338,8 +342,7 @@ def _native(x, weight, bias, phi, seed, offset, family, params, granularity, tra
     """An eager call the C++ layer runs, forward and backward (its autograd node is C++); else None."""
     if not _in_cpp(x.device, granularity, example, keep_sample):
         return None
-    return _ext.ops.gated_linear(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired,
-                                 keep_sample, COMPACT_BELOW)  # fmt: skip
+    return _cpp_layer(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired, keep_sample)
 
 
 gated_linear_op.register_native(_native)
@@ -379,8 +382,8 @@ def gated_linear(
     gate = check_gate(gate)
     training, paired = check_flag("training", training), check_flag("paired", paired)
     keep = keeps_sample(x.device, gate.family, granularity, training)
-    if not (torch.compiler.is_compiling() or _in_cpp(x.device, granularity, noise == "example", keep)):
-        check_finite("phi", phi)  # the C++ layer checks phi itself; under compile check_finite reads nothing
+    if not _in_cpp(x.device, granularity, noise == "example", keep):
+        check_finite("phi", phi)  # the C++ layer checks phi itself
     if granularity not in reference.GRANULARITIES:
         raise ValueError(f"granularity: expected one of {', '.join(reference.GRANULARITIES)}, got {granularity!r}")
     if noise not in ("batch", "example"):

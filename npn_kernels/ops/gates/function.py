@@ -320,9 +320,8 @@ def check_finite(name: str, t: Tensor) -> Tensor:
 def kernel_checks_phi(phi: Tensor) -> bool:
     """Whether the C++ kernels check phi's values themselves (the cpu backend's gated layer and
     penalty, csrc/cpu: in a pass they make anyway, or over phi [P] alone), so check_finite is not
-    needed: it costs ~30 µs per call in Python, run twice per layer and step. Under torch.compile
-    (where the backend cannot be read, and check_finite checks nothing) the answer is True."""
-    return torch.compiler.is_compiling() or backends.select(phi.device) == "cpu"
+    needed: it costs ~30 µs per call in Python, run twice per layer and step."""
+    return backends.select(phi.device) == "cpu"
 
 
 def check_flag(name: str, value) -> bool:
