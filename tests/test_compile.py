@@ -179,14 +179,18 @@ LAYERS = {LINEAR: (_linear, ()), CONV2D: (_conv, CONV)}
 
 
 def _layer_backward(layer, family, granularity, *, example=False, paired=False, needs=(True,) * 4, x_dtype=F32,
-                    keep_sample=False):  # fmt: skip
-    """Arguments of a layer's backward op (phi float32), its aux from the forward op on the same inputs."""
+                    keep_sample=False, penalty=()):  # fmt: skip
+    """Arguments of a layer's backward op (phi float32), its aux from the forward op on the same inputs;
+    the linear layer's with ``penalty`` (its coefficients) and a gradient for the penalty output."""
     make, conv = LAYERS[layer]
     x, weight, bias, phi = make(granularity, x_dtype)
     seed, offset = _rng()
-    static = (*FAMILIES[family], granularity, True, example, paired) + ((keep_sample,) if layer == LINEAR else ())
-    y, aux = getattr(torch.ops.npn, layer).default(x, weight, bias, phi, seed, offset, *conv, *static)
-    return (torch.randn_like(y), x, weight, bias, phi, seed, offset, aux, *conv, *static, list(needs))
+    static = (*FAMILIES[family], granularity, True, example, paired)
+    if layer == LINEAR:
+        static += (keep_sample, list(penalty))
+    y, aux, *_ = getattr(torch.ops.npn, layer).default(x, weight, bias, phi, seed, offset, *conv, *static)
+    grad_penalty = (torch.tensor(0.7) if penalty else None,) if layer == LINEAR else ()
+    return (torch.randn_like(y), *grad_penalty, x, weight, bias, phi, seed, offset, aux, *conv, *static, list(needs))
 
 
 # the "_bf16" cases: float32 phi with bfloat16 activations, d phi in phi's dtype (the fakes once said x's)
@@ -209,6 +213,8 @@ OPCHECK_CASES = {
         "hc_weight_bf16": lambda: _layer_backward(LINEAR, "hc", "weight", needs=(False, True, True, True), x_dtype=BF16),
         # the CPU kernels' kept sample s (float32) as aux, bfloat16 activations
         "hc_weight_kept_bf16": lambda: _layer_backward(LINEAR, "hc", "weight", x_dtype=BF16, keep_sample=True),
+        "hc_out_penalty": lambda: _layer_backward(LINEAR, "hc", "out", penalty=(6.0, 0.3, 0.2)),
+        "binary_in_paired_penalty": lambda: _layer_backward(LINEAR, "binary", "in", paired=True, penalty=(5.0, 0.3, 0.2)),
     },
     "npn::gated_conv2d_backward": {
         "hc_out_example": lambda: _layer_backward(CONV2D, "hc", "out", example=True),

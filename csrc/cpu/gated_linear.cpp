@@ -78,6 +78,14 @@ Tensor workspace_like(const Tensor& w) {
   return buffer.narrow(0, 0, bytes).view(w.scalar_type()).view(w.sizes());
 }
 
+// x ⊙ z for x [M, K] and z [K], in this thread's workspace: it lives across one GEMM. A fresh
+// 128x784 float32 product (400 KB) is above glibc's mmap threshold and page-faulted in anew on
+// every call: 123 us for the multiply instead of ~15 us (784→300 layer of row C4, 2026-11-25).
+Tensor scaled(const Tensor& x, const Tensor& z) {
+  Tensor out = workspace_like(x);
+  return at::mul_out(out, x, z);
+}
+
 // Indices of the nonzero gates of z [P] when fewer than compact_below·P are open, else undefined
 // (function.py's _open_units: nonzero() sizes its result, the one host-side count per call).
 Tensor open_units(const Tensor& z, double compact_below) {
@@ -94,7 +102,7 @@ Tensor in_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>&
   const Tensor idx = open_units(z, compact_below);
   const Tensor xs = idx.defined() ? x.index_select(1, idx) : x;
   const Tensor ws = idx.defined() ? w.index_select(1, idx) : w;
-  const Tensor xz = xs * (idx.defined() ? z.index_select(0, idx) : z);
+  const Tensor xz = scaled(xs, idx.defined() ? z.index_select(0, idx) : z);
   if (out == nullptr) return at::linear(xz, ws, b);
   return b.has_value() ? at::addmm_out(*out, *b, xz, ws.t()) : at::mm_out(*out, xz, ws.t());
 }
@@ -166,33 +174,84 @@ void check_layer(const Tensor& x, const Tensor& w, const std::optional<Tensor>& 
               "paired: needs Binary gates in training and an even number of rows");
 }
 
-}  // namespace
+// A layer's penalty (DESIGN 2.1/2.2, GatedModule.penalty in Python): l0_penalty of its gates
+// with W grouped by unit, plus weight_decay/2·||b||² (the bias is ungated), when coef =
+// {group_size, l0, weight_decay} is given (npn.objective asks for it). Inside the layer's op
+// its gradient is written into the layer's dW instead of a second [N, K] tensor that autograd
+// adds in: separate penalty nodes cost ~0.7 ms of a ~4 ms C4 step (2026-11-25; their dW is a
+// view, which autograd's accumulation cannot add in place, so each step allocated and faulted
+// in a third 940 KB buffer for the 784→300 layer).
+struct LayerPenalty {
+  const Gates& g;
+  const Tensor& weight;
+  const std::optional<Tensor>& bias;
+  bool active;
+  double group_size = 0, l0 = 0, weight_decay = 0;
+  std::optional<Tensor> w;  // W grouped [A, P, B] ([P] for weight gates); none without weight decay
 
-// x [M, K], weight [N, K], bias [N] or None, phi [K] ("in"), [N] ("out") or [N, K] ("weight",
-// keep_sample) -> (y [M, N], aux): aux is y before the gates for HardConcrete "out" gates, the
-// sample s [N, K] (float32; float64 for float64 phi) with keep_sample, else empty [0].
-std::tuple<Tensor, Tensor> gated_linear(const Tensor& x, const Tensor& weight,
-                                        const std::optional<Tensor>& bias, const Tensor& phi,
-                                        const Tensor& seed, const Tensor& offset, int64_t family,
-                                        c10::ArrayRef<double> params,
-                                        c10::string_view granularity, bool training, bool paired,
-                                        bool keep_sample, double compact_below) {
-  check_layer(x, weight, bias, phi, granularity, family, training, paired, keep_sample);
-  const Gates g{phi.reshape(-1).contiguous(), seed, offset, family, params, training};
+  LayerPenalty(c10::ArrayRef<double> coef, const Gates& g, const Tensor& weight,
+               const std::optional<Tensor>& bias, c10::string_view granularity)
+      : g(g), weight(weight), bias(bias), active(!coef.empty()) {
+    if (!active) return;
+    TORCH_CHECK(coef.size() == 3, "penalty: expected [group_size, l0, weight_decay] or [], got ",
+                coef.size(), " values");
+    TORCH_CHECK(weight.scalar_type() == g.phi.scalar_type(),
+                "phi: expected weight's dtype ", weight.scalar_type(),
+                " for the layer's penalty, got ", g.phi.scalar_type());
+    group_size = coef[0], l0 = coef[1], weight_decay = coef[2];
+    if (weight_decay == 0) return;  // W enters only through (wd/2)·||W_g||²
+    const Tensor wc = weight.contiguous();
+    const int64_t n = weight.size(0), k = weight.size(1);
+    w = is_weight(granularity) ? wc.view(-1) : granularity == "in" ? wc.view({n, k, 1}) : wc.view({1, n, k});
+  }
+
+  Tensor value() const {
+    Tensor p = l0_penalty(g.phi, w, g.family, g.params, group_size, l0, weight_decay, false);
+    if (bias.has_value() && weight_decay != 0) {
+      p = p + bias->to(p.scalar_type()).square().sum() * (weight_decay / 2);
+    }
+    return p;
+  }
+
+  // d phi [P] (phi's dtype), and dW [N, K] when need_w and W is in the penalty (else undefined).
+  std::tuple<Tensor, Tensor> backward(const Tensor& grad, bool need_w) const {
+    Tensor dphi = at::empty_like(g.phi), dw;
+    std::optional<Tensor> dw_grouped;
+    if (need_w && w.has_value()) {
+      dw = at::empty(weight.sizes(), weight.options());
+      dw_grouped = dw.view(w->sizes());
+    }
+    l0_penalty_backward(grad, g.phi, w, g.family, g.params, group_size, l0, weight_decay, false,
+                        dphi, dw_grouped);
+    return {dphi, dw};
+  }
+
+  // d bias of weight_decay/2·||b||² (undefined without one).
+  Tensor bias_backward(const Tensor& grad) const {
+    if (!bias.has_value() || weight_decay == 0) return Tensor();
+    return (bias->to(grad.scalar_type()) * (grad * weight_decay)).to(bias->scalar_type());
+  }
+};
+
+// (y, aux) of the layer (gated_linear below, without its penalty).
+std::tuple<Tensor, Tensor> layer_forward(const Tensor& x, const Tensor& weight,
+                                         const std::optional<Tensor>& bias, const Gates& g,
+                                         c10::string_view granularity, bool paired,
+                                         bool keep_sample, double compact_below) {
   const Tensor none = at::empty({0}, x.options());
   if (!keep_sample) check_finite_phi(g.phi);  // hc_gate_mul checks in its sampling pass
   if (keep_sample) {
     const Tensor w = weight.contiguous();
     Tensor wz = workspace_like(w);
-    Tensor s = at::empty(w.sizes(), w.options().dtype(phi.scalar_type() == at::kDouble
+    Tensor s = at::empty(w.sizes(), w.options().dtype(g.phi.scalar_type() == at::kDouble
                                                           ? at::kDouble
                                                           : at::kFloat));
-    hc_gate_mul(w.view(-1), g.phi, seed, offset, params, wz.view(-1), s.view(-1));
+    hc_gate_mul(w.view(-1), g.phi, g.seed, g.offset, g.params, wz.view(-1), s.view(-1));
     return {at::linear(x, wz, bias), s};
   }
   if (!paired) {
     auto [y, y_pre] = structured_half(g, x, weight, bias, granularity, false, compact_below);
-    return {y, family == kHardConcrete && granularity == "out" ? y_pre : none};
+    return {y, g.family == kHardConcrete && granularity == "out" ? y_pre : none};
   }
   const int64_t m = x.size(0) / 2;
   const Tensor z = at::stack({g.vector(false), g.vector(true)}).to(x.scalar_type());  // [2, P]
@@ -215,20 +274,62 @@ std::tuple<Tensor, Tensor> gated_linear(const Tensor& x, const Tensor& weight,
   return {y, none};
 }
 
+
+}  // namespace
+
+// x [M, K], weight [N, K], bias [N] or None, phi [K] ("in"), [N] ("out") or [N, K] ("weight",
+// keep_sample) -> (y [M, N], aux, penalty): aux is y before the gates for HardConcrete "out"
+// gates, the sample s [N, K] (float32; float64 for float64 phi) with keep_sample, else empty
+// [0]; penalty: the layer's (LayerPenalty) when penalty_coef is given, else empty [0].
+std::tuple<Tensor, Tensor, Tensor> gated_linear(
+    const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& phi,
+    const Tensor& seed, const Tensor& offset, int64_t family, c10::ArrayRef<double> params,
+    c10::string_view granularity, bool training, bool paired, bool keep_sample,
+    double compact_below, c10::ArrayRef<double> penalty_coef) {
+  check_layer(x, weight, bias, phi, granularity, family, training, paired, keep_sample);
+  const Gates g{phi.reshape(-1).contiguous(), seed, offset, family, params, training};
+  auto [y, aux] = layer_forward(x, weight, bias, g, granularity, paired, keep_sample, compact_below);
+  const LayerPenalty pen(penalty_coef, g, weight, bias, granularity);
+  return {y, aux, pen.active ? pen.value() : at::empty({0}, phi.options())};
+}
+
 // (dx, dW, db, dphi) of the first half (the whole batch unless paired) for the calls
 // gated_linear takes; needs: which of (x, weight, bias, phi) want one (the others: empty [0]).
+// grad_penalty (with penalty_coef): the gradient of the layer's penalty output, whose dW
+// the task's dW GEMM accumulates onto (beta = 1: no separate sum over [N, K]).
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward(
-    const Tensor& grad_y, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-    const Tensor& phi, const Tensor& seed, const Tensor& offset, const Tensor& aux,
-    int64_t family, c10::ArrayRef<double> params, c10::string_view granularity, bool training,
-    bool paired, bool keep_sample, double compact_below, std::array<bool, 4> needs) {
+    const Tensor& grad_y, const std::optional<Tensor>& grad_penalty, const Tensor& x,
+    const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& phi, const Tensor& seed,
+    const Tensor& offset, const Tensor& aux, int64_t family, c10::ArrayRef<double> params,
+    c10::string_view granularity, bool training, bool paired, bool keep_sample,
+    double compact_below, c10::ArrayRef<double> penalty_coef, std::array<bool, 4> needs) {
   check_layer(x, weight, bias, phi, granularity, family, training, paired, keep_sample);
   const auto [need_x, need_w, need_b, want_phi] = needs;
   const bool need_phi = want_phi && family != kBinary;  // Binary: no pathwise gradient
   const Gates g{phi.reshape(-1).contiguous(), seed, offset, family, params, training};
+  const LayerPenalty pen(penalty_coef, g, weight, bias, granularity);
+  const bool penalized = pen.active && grad_penalty.has_value() && grad_penalty->defined();
+  Tensor pen_dphi, pen_dw;  // the penalty's d phi [P] and dW [N, K]: the task's are added in
+  if (penalized) std::tie(pen_dphi, pen_dw) = pen.backward(*grad_penalty, need_w);
+  // dW = a·b (+ the penalty's), or the same scattered into the columns (dim 1) / rows (dim 0) idx
+  auto weight_grad = [&](const Tensor& a, const Tensor& b) {
+    return pen_dw.defined() ? pen_dw.addmm_(a, b) : a.mm(b);
+  };
+  auto weight_grad_at = [&](int64_t dim, const Tensor& idx, const Tensor& part) {
+    Tensor base = pen_dw.defined() ? pen_dw : at::zeros(weight.sizes(), weight.options());
+    return base.index_add_(dim, idx, part);
+  };
   const int64_t m_all = x.size(0), m = paired ? m_all / 2 : m_all;
   const Tensor dy = grad_y.contiguous().narrow(0, 0, m), x1 = x.narrow(0, 0, m);
-  Tensor dx, dw, db, dphi;
+  // dx of a paired batch: the second half's rows are zero, the first half's written in place
+  Tensor dx_all = need_x && paired ? at::empty(x.sizes(), x.options()) : Tensor();
+  if (dx_all.defined()) dx_all.narrow(0, m, m_all - m).zero_();
+  Tensor dx = dx_all.defined() ? dx_all.narrow(0, 0, m) : Tensor(), dw, db, dphi;
+  // dx = a·b, or a ⊙ b (elementwise), into dx's first half when paired
+  auto input_grad = [&](const Tensor& a, const Tensor& b, bool product) {
+    if (!dx.defined()) return product ? a.mm(b) : a * b;
+    return product ? at::mm_out(dx, a, b) : at::mul_out(dx, a, b);
+  };
   Tensor dy_bias = dy;  // the gradient the bias sees: dy, or dy ⊙ z for "out" gates
   if (keep_sample) {
     // dW = G ⊙ z is written over G = dyᵀx (no second [N, K] buffer); W ⊙ z for dx from s
@@ -240,39 +341,47 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward(
     auto flat = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t.view(-1)) : std::nullopt; };
     hc_gate_mul_backward(gw.view(-1), w.view(-1), aux.view(-1), g.phi, params, flat(dw),
                          flat(dphi), flat(wz));
-    if (need_x) dx = dy.mm(wz);
+    if (need_x) dx = input_grad(dy, wz, true);
+    if (need_w && pen_dw.defined()) dw.add_(pen_dw);
   } else {
     const Tensor z = g.vector(false).to(x.scalar_type());
     const Tensor idx = open_units(z, compact_below);
     if (granularity == "in") {
       if (!idx.defined()) {
         const Tensor dxz = (need_x || need_phi) ? dy.mm(weight) : Tensor();  // a first layer needs neither
-        if (need_x) dx = dxz * z;
-        if (need_w) dw = dy.t().mm(x1 * z);
+        if (need_x) dx = input_grad(dxz, z, false);
+        if (need_w) dw = weight_grad(dy.t(), scaled(x1, z));
         if (need_phi) dphi = g.vector_backward((dxz * x1).sum(0));
       } else {
         const Tensor zo = z.index_select(0, idx), xo = x1.index_select(1, idx);
         const Tensor dxz = (need_x || need_phi) ? dy.mm(weight.index_select(1, idx)) : Tensor();  // [M, open]
-        if (need_x) dx = at::zeros(x1.sizes(), x1.options()).index_copy_(1, idx, dxz * zo);
-        if (need_w) dw = at::zeros(weight.sizes(), weight.options()).index_copy_(1, idx, dy.t().mm(xo * zo));
+        if (need_x) {
+          if (!dx.defined()) dx = at::empty(x1.sizes(), x1.options());
+          dx.zero_().index_copy_(1, idx, dxz * zo);
+        }
+        if (need_w) dw = weight_grad_at(1, idx, dy.t().mm(xo * zo));
         if (need_phi) dphi = g.vector_backward(at::zeros_like(z).index_copy_(0, idx, (dxz * xo).sum(0)));
       }
     } else {
       const Tensor dy_pre = dy * z;
       dy_bias = dy_pre;
       if (!idx.defined()) {
-        if (need_x) dx = dy_pre.mm(weight);
-        if (need_w) dw = dy_pre.t().mm(x1);
+        if (need_x) dx = input_grad(dy_pre, weight, true);
+        if (need_w) dw = weight_grad(dy_pre.t(), x1);
       } else {
         const Tensor dyo = dy_pre.index_select(1, idx);
-        if (need_x) dx = dyo.mm(weight.index_select(0, idx));
-        if (need_w) dw = at::zeros(weight.sizes(), weight.options()).index_copy_(0, idx, dyo.t().mm(x1));
+        if (need_x) dx = input_grad(dyo, weight.index_select(0, idx), true);
+        if (need_w) dw = weight_grad_at(0, idx, dyo.t().mm(x1));
       }
       if (need_phi) dphi = g.vector_backward((dy * aux).sum(0));
     }
   }
-  if (need_b && bias.has_value()) db = dy_bias.sum(0);
-  if (dx.defined() && paired) dx = at::cat({dx, at::zeros({m_all - m, dx.size(1)}, dx.options())});
+  if (need_b && bias.has_value()) {
+    db = dy_bias.sum(0);
+    if (penalized && pen.weight_decay != 0) db.add_(pen.bias_backward(*grad_penalty));
+  }
+  if (pen_dphi.defined()) dphi = dphi.defined() ? dphi.add_(pen_dphi) : pen_dphi;
+  if (dx_all.defined()) dx = dx_all;
   if (want_phi) dphi = dphi.defined() ? dphi.view(phi.sizes()) : at::zeros_like(phi);
   auto or_empty = [](const Tensor& t, const Tensor& like) { return t.defined() ? t : at::empty({0}, like.options()); };
   return {or_empty(dx, x), or_empty(dw, x), or_empty(db, x), or_empty(dphi, phi)};
@@ -284,43 +393,54 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // One autograd node per layer call: the forward saves its inputs and aux, the backward calls
-// gated_linear_backward. aux is not differentiable and its gradient is never materialized.
+// gated_linear_backward. aux is not differentiable and its gradient is never materialized; the
+// penalty output (with penalty_coef) is differentiable.
 struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
                                const std::optional<Tensor>& bias, const Tensor& phi, const Tensor& seed,
                                const Tensor& offset, int64_t family, std::vector<double> params,
                                std::string granularity, bool training, bool paired,
-                               bool keep_sample, double compact_below) {
-    auto [y, aux] = gated_linear(x, weight, bias, phi, seed, offset, family, params, granularity,
-                                 training, paired, keep_sample, compact_below);
+                               bool keep_sample, double compact_below,
+                               std::vector<double> penalty_coef) {
+    auto [y, aux, penalty] = gated_linear(x, weight, bias, phi, seed, offset, family, params,
+                                          granularity, training, paired, keep_sample,
+                                          compact_below, penalty_coef);
     ctx->save_for_backward({x, weight, bias.value_or(Tensor()), phi, seed, offset, aux});
     ctx->saved_data["family"] = family;
     ctx->saved_data["params"] = params;
     ctx->saved_data["granularity"] = granularity;
     ctx->saved_data["flags"] = std::vector<bool>{training, paired, keep_sample};
     ctx->saved_data["compact_below"] = compact_below;
+    ctx->saved_data["penalty_coef"] = penalty_coef;
     ctx->mark_non_differentiable({aux});
     ctx->set_materialize_grads(false);
-    return {y, aux};
+    return {y, aux, penalty};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(13);
+    variable_list out(14);
     const variable_list saved = ctx->get_saved_variables();
     const bool has_bias = saved[2].defined();
     // needs_input_grad counts the tensor inputs that were passed: without a bias, phi is the third
     const std::array<bool, 4> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                     has_bias && ctx->needs_input_grad(2),
                                     ctx->needs_input_grad(has_bias ? 3 : 2)};
-    if (!grads[0].defined() || !(needs[0] || needs[1] || needs[2] || needs[3])) return out;
+    const bool penalized = grads.size() > 2 && grads[2].defined();
+    if (!(grads[0].defined() || penalized) || !(needs[0] || needs[1] || needs[2] || needs[3])) {
+      return out;
+    }
+    // a penalty used without y (rare): the task's part is zero
+    const Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros({saved[0].size(0), saved[1].size(0)}, saved[0].options());
     const std::optional<Tensor> b = has_bias ? std::optional<Tensor>(saved[2]) : std::nullopt;
     const std::vector<double> params = ctx->saved_data["params"].toDoubleVector();
     const std::string granularity = ctx->saved_data["granularity"].toStringRef();
     const c10::List<bool> flags = ctx->saved_data["flags"].toBoolList();
+    const std::vector<double> penalty_coef = ctx->saved_data["penalty_coef"].toDoubleVector();
     auto [dx, dw, db, dphi] = gated_linear_backward(
-        grads[0], saved[0], saved[1], b, saved[3], saved[4], saved[5], saved[6],
-        ctx->saved_data["family"].toInt(), params, granularity, flags[0], flags[1], flags[2],
-        ctx->saved_data["compact_below"].toDouble(), needs);
+        grad_y, penalized ? std::optional<Tensor>(grads[2]) : std::nullopt, saved[0], saved[1], b,
+        saved[3], saved[4], saved[5], saved[6], ctx->saved_data["family"].toInt(), params,
+        granularity, flags[0], flags[1], flags[2], ctx->saved_data["compact_below"].toDouble(),
+        penalty_coef, needs);
     const Tensor grads_in[4] = {dx, dw, db, dphi};
     for (int i = 0; i < 4; ++i) {
       if (needs[i]) out[i] = grads_in[i];
@@ -332,15 +452,15 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
 }  // namespace
 
 // The Autograd kernel of npn_ext::gated_linear (registered in csrc/register.cpp).
-std::tuple<Tensor, Tensor> gated_linear_autograd(
+std::tuple<Tensor, Tensor, Tensor> gated_linear_autograd(
     const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& phi,
     const Tensor& seed, const Tensor& offset, int64_t family, c10::ArrayRef<double> params,
     c10::string_view granularity, bool training, bool paired, bool keep_sample,
-    double compact_below) {
+    double compact_below, c10::ArrayRef<double> penalty_coef) {
   variable_list out = GatedLinearFunction::apply(
-      x, weight, bias, phi, seed, offset, family, params.vec(),
-      std::string(granularity), training, paired, keep_sample, compact_below);
-  return {out[0], out[1]};
+      x, weight, bias, phi, seed, offset, family, params.vec(), std::string(granularity),
+      training, paired, keep_sample, compact_below, penalty_coef.vec());
+  return {out[0], out[1], out[2]};
 }
 
 }  // namespace npn::cpu

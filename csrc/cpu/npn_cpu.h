@@ -72,23 +72,26 @@ void hc_gate_mul_backward(const at::Tensor& grad, const at::Tensor& a, const at:
                           const std::optional<at::Tensor>& grad_phi,
                           const std::optional<at::Tensor>& a_gated);
 // The gated linear layer (csrc/cpu/gated_linear.cpp): structured batch-noise gates and
-// HardConcrete weight gates with keep_sample; the Autograd kernel runs the backward in C++.
-std::tuple<at::Tensor, at::Tensor> gated_linear(
+// HardConcrete weight gates with keep_sample, optionally with the layer's penalty as a third
+// output (penalty_coef = {group_size, l0, weight_decay}); the Autograd kernel runs the backward
+// in C++.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_linear(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& phi, const at::Tensor& seed, const at::Tensor& offset, int64_t family,
     c10::ArrayRef<double> params, c10::string_view granularity, bool training, bool paired,
-    bool keep_sample, double compact_below);
+    bool keep_sample, double compact_below, c10::ArrayRef<double> penalty_coef);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& phi, const at::Tensor& seed,
-    const at::Tensor& offset, const at::Tensor& aux, int64_t family, c10::ArrayRef<double> params,
-    c10::string_view granularity, bool training, bool paired, bool keep_sample,
-    double compact_below, std::array<bool, 4> needs);
-std::tuple<at::Tensor, at::Tensor> gated_linear_autograd(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_penalty, const at::Tensor& x,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& phi,
+    const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& aux, int64_t family,
+    c10::ArrayRef<double> params, c10::string_view granularity, bool training, bool paired,
+    bool keep_sample, double compact_below, c10::ArrayRef<double> penalty_coef,
+    std::array<bool, 4> needs);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_linear_autograd(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& phi, const at::Tensor& seed, const at::Tensor& offset, int64_t family,
     c10::ArrayRef<double> params, c10::string_view granularity, bool training, bool paired,
-    bool keep_sample, double compact_below);
+    bool keep_sample, double compact_below, c10::ArrayRef<double> penalty_coef);
 int64_t parallel_threads(int64_t n);
 
 }  // namespace npn::cpu

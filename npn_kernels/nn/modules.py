@@ -6,11 +6,13 @@ parameters as the torch layer, plus ``phi`` (one gate parameter per unit) and th
 buffers in its state_dict: ``seed`` and ``offset`` (its address in the noise stream, DESIGN 4.1)
 and ``allocated`` (how many leading units the Expander has handed out).
 
-The objective (npn_kernels.training) drives a layer through three plain attributes:
+The objective (npn_kernels.training) drives a layer through four plain attributes:
 ``paired`` (the input is a doubled batch [x; x]: ARM's one-pass evaluation, DESIGN 4.3),
-``draws`` (a list: every training draw appends (offset tensor, rows)) and ``replay`` (a list of
+``draws`` (a list: every training draw appends (offset tensor, rows)), ``replay`` (a list of
 such draws: the next forward re-uses the oldest one, with ARM's antithetic gates for Binary
-layers in training, and advances nothing).
+layers in training, and advances nothing) and ``penalties`` (a dict: a layer whose op can
+compute its penalty in the same call (GatedLinear) enters {layer: penalty} at its first forward,
+so that the penalty's gradient is written into the layer's own dW and d phi).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 
 from npn_kernels import ops
 from npn_kernels.gates import Binary, HardConcrete, check_gate, compute_dtype
+from npn_kernels.ops.gated_linear.function import layer_forward
 from npn_kernels.ops.gates.function import FLOAT_DTYPES, check_finite, checked_l0_penalty, kernel_checks_phi
 
 GRANULARITIES = ("weight", "in", "out")
@@ -98,6 +101,7 @@ class GatedModule(nn.Module):
         self.paired = False
         self.draws: list[tuple[Tensor, int]] | None = None
         self.replay: list[tuple[Tensor, int]] | None = None
+        self.penalties: dict[GatedModule, Tensor] | None = None
 
     @torch.no_grad()
     def reset_gates(self, active: int) -> None:
@@ -146,14 +150,18 @@ class GatedModule(nn.Module):
         # offset; "+ 0" is kept, as inductor does not fold arithmetic on a mutated input.
         offset = self.offset + 0
         paired = self.paired and self.training
+        penalize = self.penalties is not None and self not in self.penalties
         if paired and isinstance(self.gate, Binary):
-            y = self._op(x, offset, paired=True)
+            y, p = self._op(x, offset, paired=True, penalize=penalize)
         elif paired and self.noise == "example":
             # hard-concrete, one gate per example: both halves must see the first half's gates
             first, second = x.chunk(2)
-            y = torch.cat([self._op(first, offset), self._op(second, offset)])
+            (y1, p), (y2, _) = self._op(first, offset, penalize=penalize), self._op(second, offset)
+            y = torch.cat([y1, y2])
         else:  # plain; in a paired pass (batch noise) both halves of [x; x] share the one gate vector
-            y = self._op(x, offset)
+            y, p = self._op(x, offset, penalize=penalize)
+        if p is not None:
+            self.penalties[self] = p
         if self.training:
             rows = self._rows(x) // 2 if self.paired else self._rows(x)
             if self.draws is not None:
@@ -165,7 +173,7 @@ class GatedModule(nn.Module):
     def _replay(self, x: Tensor, offset: Tensor, rows: int) -> Tensor:
         """The layer on x with the gates of a recorded draw: ARM's z' for Binary gates in training."""
         if not (self.training and isinstance(self.gate, Binary)):
-            return self._op(x, offset)
+            return self._op(x, offset)[0]
         u = self.noise_of(offset, rows)
         pi = self.gate.probs(self.phi.detach().to(compute_dtype(self.phi.dtype)))
         return self._apply_gates(x, (u.to(pi.dtype) > 1 - pi).to(x.dtype))  # z' = 1[u > 1 - pi] (DESIGN 2.1)
@@ -278,9 +286,11 @@ class GatedLinear(GatedModule):
     def _rows(self, x: Tensor) -> int:
         return x.numel() // self.in_features
 
-    def _op(self, x: Tensor, offset: Tensor, paired: bool = False) -> Tensor:
-        return ops.gated_linear(x, self.weight, self.bias, self.phi, self.gate, self.granularity, seed=self.seed,
-                                offset=offset, training=self.training, noise=self.noise, paired=paired)  # fmt: skip
+    def _op(self, x: Tensor, offset: Tensor, paired: bool = False, penalize: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(y, the layer's penalty from the same op with ``penalize``, else None)."""
+        penalty = (float(self.group_size), self.l0, self.weight_decay) if penalize else None
+        return layer_forward(x, self.weight, self.bias, self.phi, self.gate, self.granularity, self.seed, offset,
+                             self.training, self.noise, paired, penalty)  # fmt: skip
 
     def _apply_gates(self, x: Tensor, z: Tensor) -> Tensor:
         """The layer with gate values z (phi's shape, or [rows, units] for example noise)."""
@@ -335,10 +345,12 @@ class GatedConv2d(GatedModule):
     def _rows(self, x: Tensor) -> int:
         return x.shape[0]
 
-    def _op(self, x: Tensor, offset: Tensor, paired: bool = False) -> Tensor:
-        return ops.gated_conv2d(x, self.weight, self.bias, self.phi, self.gate, self.granularity, self.stride,
-                                self.padding, self.dilation, self.groups, seed=self.seed, offset=offset,
-                                training=self.training, noise=self.noise, paired=paired)  # fmt: skip
+    def _op(self, x: Tensor, offset: Tensor, paired: bool = False, penalize: bool = False) -> tuple[Tensor, None]:
+        """(y, None): the conv op does not compute the penalty (``penalize`` is ignored)."""
+        y = ops.gated_conv2d(x, self.weight, self.bias, self.phi, self.gate, self.granularity, self.stride,
+                             self.padding, self.dilation, self.groups, seed=self.seed, offset=offset,
+                             training=self.training, noise=self.noise, paired=paired)  # fmt: skip
+        return y, None
 
     def _apply_gates(self, x: Tensor, z: Tensor) -> Tensor:
         """The layer with gate values z (phi's shape, or [N, channels] for example noise)."""
@@ -381,8 +393,14 @@ def gated_modules(model: nn.Module) -> list[GatedModule]:
 
 def penalty(model: nn.Module) -> Tensor:
     """Sum of the penalties of every gated layer of ``model``: a 0-dim tensor (0.0 if it has none)."""
+    return penalty_with(model, {})
+
+
+def penalty_with(model: nn.Module, computed: dict[GatedModule, Tensor]) -> Tensor:
+    """penalty(model), with the penalties the layers already computed in a forward (their
+    ``penalties``) taken as they are; the other layers compute theirs here."""
     total = None
     for m in gated_modules(model):
-        p = m.penalty()
+        p = computed[m] if m in computed else m.penalty()
         total = p if total is None else total + p
     return torch.zeros(()) if total is None else total

@@ -54,9 +54,9 @@ class EagerOp:
         return fake
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
-        """As CustomOpDef.register_autograd. Outputs after the first of a tuple-returning op are
-        auxiliaries for the backward: not differentiable, and their gradients are not
-        materialized (a zero-filled [N, K] aux cost ~0.3 ms per step)."""
+        """As CustomOpDef.register_autograd. The second output of a tuple-returning op is an
+        auxiliary for the backward: not differentiable; no output's gradient is materialized
+        (a zero-filled [N, K] aux cost ~0.3 ms per step), so the backward gets None for unused ones."""
         self.op.register_autograd(backward, setup_context=setup_context)
         impl = self.impl
 
@@ -64,7 +64,7 @@ class EagerOp:
             out = impl(*args)
             setup_context(ctx, args, out)
             if isinstance(out, tuple):
-                ctx.mark_non_differentiable(*out[1:])
+                ctx.mark_non_differentiable(out[1])
                 ctx.set_materialize_grads(False)
             return out
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import npn_kernels as npn
 from npn_kernels.ops.rng import counters_for
-from tests.helpers import assert_close
+from tests.helpers import assert_close, backend_params
 
 INF = float("inf")
 HC = npn.HardConcrete()
@@ -241,6 +241,37 @@ def test_penalty_formula(make, granularity, kw, gate):
     m.penalty().backward()
     expected_phi = torch.autograd.grad(expected, phi)[0]
     assert_close(m.phi.grad, expected_phi.float())
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "cpu", "triton"))
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("gate, paired", [(npn.Binary(3.0), False), (npn.Binary(3.0), True), (HC, False)],
+                         ids=["binary", "binary_paired", "hc"])  # fmt: skip
+@pytest.mark.parametrize("weight_decay", [0.1, 0.0])
+def test_penalty_from_the_layer_op(backend, granularity, gate, paired, weight_decay):
+    """A GatedLinear asked for its penalty in its forward (npn.objective does) computes it in the
+    same op: the value is layer.penalty()'s, bit for bit, and the gradients of y and the penalty
+    together are those of the layer and a separate penalty (dW, d phi, db summed in the op)."""
+    m = _linear(granularity, gate=gate, l0=0.3, weight_decay=weight_decay)
+    with torch.no_grad():
+        m.phi.normal_(1.0, 1.0)
+    x = torch.randn(3, 8)[:, :6]  # a non-contiguous view
+    x = torch.cat([x, x]) if paired else x
+    grad_y = torch.randn(x.shape[0], 4)
+    results = []
+    with npn.backends.use(backend):
+        for fused in (True, False):
+            layer = copy.deepcopy(m)
+            layer.paired, layer.penalties = paired, {} if fused else None
+            y = layer(x)
+            p = layer.penalties[layer] if fused else layer.penalty()
+            results.append((y.detach(), p.detach()))
+            ((y * grad_y).sum() + p).backward()
+            results[-1] += tuple(t.grad for t in (layer.weight, layer.bias, layer.phi))
+    fused, separate = results
+    assert torch.equal(fused[0], separate[0]) and torch.equal(fused[1], separate[1])
+    for a, b in zip(fused[2:], separate[2:]):
+        assert_close(a, b)
 
 
 def test_model_penalty():

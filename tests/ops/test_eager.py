@@ -16,14 +16,14 @@ from tests.helpers import backend_params
 HC = [2 / 3, -0.1, 1.1]
 
 
-def _layer_case(granularity, family, paired):
+def _layer_case(granularity, family, paired, penalty=()):
     x = torch.randn(6 if paired else 5, 9)
     if paired:
         x = torch.cat([x[:3], x[:3]])
     weight, bias = torch.randn(4, 9), torch.randn(4)
     phi = torch.randn({"weight": (4, 9), "in": (9,), "out": (4,)}[granularity])
     params = HC if family == 1 else [3.0]
-    return (x, weight, bias, phi), (family, params, granularity, True, False, paired)
+    return (x, weight, bias, phi), (family, params, granularity, True, False, paired, list(penalty))
 
 
 CASES = {
@@ -31,15 +31,22 @@ CASES = {
     "hc_out": lambda: _layer_case("out", 1, False),
     "binary_in_paired": lambda: _layer_case("in", 0, True),
     "binary_weight": lambda: _layer_case("weight", 0, False),
+    # the layer's penalty from the same op (npn.objective): its gradient joins dW, d phi and db
+    "hc_weight_penalty": lambda: _layer_case("weight", 1, False, (1.0, 0.3, 0.2)),
+    "hc_out_penalty": lambda: _layer_case("out", 1, False, (9.0, 0.3, 0.2)),
+    "binary_in_paired_penalty": lambda: _layer_case("in", 0, True, (4.0, 0.3, 0.2)),
+    "binary_weight_penalty": lambda: _layer_case("weight", 0, False, (1.0, 0.3, 0.2)),
 }
 
 
 def _grads(call, leaves, *rest):
+    """[output, d leaves...] of sum(y) (+ the penalty output, when the call returns one)."""
     leaves = [t.clone().requires_grad_() for t in leaves]
-    y = call(*leaves, *rest)
-    y = y[0] if isinstance(y, tuple) else y
-    grads = torch.autograd.grad(y, leaves, torch.ones_like(y), allow_unused=True)
-    return [y.detach(), *grads], y.grad_fn
+    out = call(*leaves, *rest)
+    y = out[0] if isinstance(out, tuple) else out
+    total = y.sum() + (out[2] if isinstance(out, tuple) and len(out) > 2 and out[2].dim() == 0 else 0)
+    grads = torch.autograd.grad(total, leaves, allow_unused=True)
+    return [y.detach(), total.detach(), *grads], y.grad_fn
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -47,14 +54,14 @@ def _grads(call, leaves, *rest):
 def test_layer_eager_path_equals_custom_op(case, backend):
     from npn_kernels.ops.gated_linear.function import gated_linear_op, keeps_sample
 
-    leaves, (family, params, granularity, training, example, paired) = CASES[case]()
+    leaves, (family, params, granularity, training, example, paired, penalty) = CASES[case]()
     seed, offset = rng_tensors(3, 17, "cpu")
     with npn.backends.use(backend):
         keep = keeps_sample(leaves[0].device, family, granularity, training)
-        static = (seed, offset, family, params, granularity, training, example, paired, keep)
+        static = (seed, offset, family, params, granularity, training, example, paired, keep, penalty)
         eager, eager_fn = _grads(gated_linear_op, leaves, *static)
         op, op_fn = _grads(torch.ops.npn.gated_linear.default, leaves, *static)
-    if backend == "cpu" and case != "binary_weight":  # the C++ layer (Binary weight gates stay in Python)
+    if backend == "cpu" and not case.startswith("binary_weight"):  # the C++ layer (Binary weight gates stay in Python)
         assert "GatedLinearFunction" in eager_fn.name()
     else:
         assert type(eager_fn).__name__.startswith("EagerBackwardFor_npn_gated_linear")
@@ -90,13 +97,13 @@ def test_traced_calls_take_the_custom_op():
     seed, offset = rng_tensors(3, 17, "cpu")
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(t) for t in (*leaves, seed, offset)]
-        y, aux = gated_linear_op(*fake, *static, False)
-    assert y.shape == (5, 4) and aux.shape == (5, 4)
+        y, aux, p = gated_linear_op(*fake, *static[:-1], False, static[-1])
+    assert y.shape == (5, 4) and aux.shape == (5, 4) and p.shape == (0,)
 
 
 def test_no_grad_needed_runs_the_implementation():
     from npn_kernels.ops.gated_linear.function import gated_linear_op
 
     leaves, static = CASES["hc_out"]()
-    y, _ = gated_linear_op(*leaves, *rng_tensors(3, 17, "cpu"), *static, False)
+    y, _, _ = gated_linear_op(*leaves, *rng_tensors(3, 17, "cpu"), *static[:-1], False, static[-1])
     assert y.grad_fn is None and not y.requires_grad

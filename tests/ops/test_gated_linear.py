@@ -167,8 +167,10 @@ def test_opcheck():
     x, weight, bias, phi = _inputs(4, 7, 5, "out", torch.float32)
     seed, offset = rng_tensors(3, 9, "cpu")
     for family, params in ((0, [2.0]), (1, [2 / 3, -0.1, 1.1])):
-        args = (x.requires_grad_(), weight.requires_grad_(), bias, phi.requires_grad_(), seed, offset, family, params, "out", True, False, False, False)
-        torch.library.opcheck(torch.ops.npn.gated_linear.default, args)
+        for penalty in ([], [7.0, 0.3, 0.2]):  # with the layer's penalty as a third output
+            args = (x.requires_grad_(), weight.requires_grad_(), bias, phi.requires_grad_(), seed, offset, family, params,
+                    "out", True, False, False, False, penalty)  # fmt: skip
+            torch.library.opcheck(torch.ops.npn.gated_linear.default, args)
 
 
 @pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
@@ -177,7 +179,7 @@ def test_opcheck_kept_sample():
     x, weight, bias, phi = _inputs(4, 7, 5, "weight", torch.bfloat16)
     seed, offset = rng_tensors(3, 9, "cpu")
     args = (x.requires_grad_(), weight.requires_grad_(), bias, phi.float().requires_grad_(), seed, offset, 1,
-            [2 / 3, -0.1, 1.1], "weight", True, False, False, True)  # fmt: skip
+            [2 / 3, -0.1, 1.1], "weight", True, False, False, True, [])  # fmt: skip
     with npn.backends.use("cpu"):
         torch.library.opcheck(torch.ops.npn.gated_linear.default, args)
 
@@ -257,7 +259,8 @@ def test_kept_sample_matches_regenerated(dtype, shape):
     for keep in (False, True):
         leaves = [t.clone().requires_grad_() for t in (x, weight, bias, phi)]
         with npn.backends.use("cpu"):
-            y, _ = torch.ops.npn.gated_linear(*leaves, seed, offset, 1, [2 / 3, -0.1, 1.1], "weight", True, False, False, keep)
+            y, _, _ = torch.ops.npn.gated_linear(*leaves, seed, offset, 1, [2 / 3, -0.1, 1.1], "weight", True, False, False, keep,
+                                                 [])
             grads = torch.autograd.grad(y, leaves, torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype))
         results.append((y, *grads))
     for a, b in zip(*results):

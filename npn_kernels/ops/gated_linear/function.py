@@ -27,7 +27,7 @@ from npn_kernels.ops import eager
 from npn_kernels.gates import BINARY, check_gate, compute_dtype
 from npn_kernels.ops.gated_linear import reference
 from npn_kernels.ops.gates.apply import LayerGates, check_tensor, halves, register_layer_autograd
-from npn_kernels.ops.gates.function import check_finite, check_flag
+from npn_kernels.ops.gates.function import check_finite, check_flag, l0_penalty_backward_op, l0_penalty_op
 from npn_kernels.ops.rng import rng_tensors
 
 # Structured binary gates skip closed units by gathering the open ones into a smaller GEMM when
@@ -262,10 +262,47 @@ def _in_cpp(device: torch.device, granularity: str, example: bool, keep_sample: 
     return backends.select(device) == "cpu" and (keep_sample or (granularity != "weight" and not example))
 
 
-def _cpp_layer(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired, keep_sample):
-    """(y, aux) from the C++ layer; with its autograd node when an input needs a gradient (eager)."""
+def _cpp_layer(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired, keep_sample, penalty):
+    """(y, aux, penalty) from the C++ layer; with its autograd node when an input needs a gradient (eager)."""
     return _ext.ops.gated_linear(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired,
-                                 keep_sample, COMPACT_BELOW)  # fmt: skip
+                                 keep_sample, COMPACT_BELOW, penalty)  # fmt: skip
+
+
+# ---- the layer's penalty, for the composition (the C++ layer has its own) ---------------------
+
+
+def _penalty_weight(weight: Tensor, granularity: str, weight_decay: float) -> Tensor | None:
+    """W as l0_penalty takes it for the layer's gates: phi-shaped ("weight") or grouped [A, P, B]
+    ("in": [N, K, 1], "out": [1, N, K]); None without weight decay (W is then not in the penalty)."""
+    if weight_decay == 0:
+        return None
+    n, k = weight.shape
+    return weight if granularity == "weight" else weight.reshape((n, k, 1) if granularity == "in" else (1, n, k))
+
+
+def _penalty(weight, bias, phi, family, params, granularity, penalty: list[float]) -> Tensor:
+    """The layer's penalty (GatedModule.penalty: l0_penalty + weight_decay/2·||b||²), 0-dim."""
+    group_size, l0, weight_decay = penalty
+    w = _penalty_weight(weight, granularity, weight_decay)
+    p = l0_penalty_op.impl(phi, w, family, params, group_size, l0, weight_decay, False)
+    if bias is not None and weight_decay:
+        p = p + bias.to(p.dtype).square().sum() * (weight_decay / 2)
+    return p
+
+
+def _penalty_backward(grad, weight, bias, phi, family, params, granularity, penalty: list[float], grads):
+    """grads (dx, dW, db, dphi) with the penalty's gradient added (dphi: a zero tensor when absent)."""
+    group_size, l0, weight_decay = penalty
+    dx, dw, db, dphi = grads
+    w = _penalty_weight(weight, granularity, weight_decay)
+    pen_dphi, pen_dw = l0_penalty_backward_op.impl(grad, phi, w, family, params, group_size, l0, weight_decay, False)
+    if dw is not None and w is not None:
+        dw = dw + pen_dw.view_as(weight)
+    if db is not None and weight_decay:
+        db = db + (bias.to(grad.dtype) * (grad * weight_decay)).to(bias.dtype)
+    if dphi is not None:
+        dphi = dphi + pen_dphi.view_as(phi)
+    return dx, dw, db, dphi
 
 
 @eager.custom_op("npn::gated_linear")
@@ -283,25 +320,32 @@ def gated_linear_op(
     example: bool,
     paired: bool,
     keep_sample: bool,
-) -> tuple[Tensor, Tensor]:
-    """(y [M, N], aux) for x [M, K], weight [N, K], bias [N] or None; aux: see _aux_shape."""
+    penalty: list[float],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y [M, N], aux, p) for x [M, K], weight [N, K], bias [N] or None; aux: see _aux_shape; p:
+    the layer's penalty (0-dim) when penalty = [group_size, l0, weight_decay], else empty [0]."""
     if _in_cpp(x.device, granularity, example, keep_sample):
-        return _cpp_layer(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired, keep_sample)
+        return _cpp_layer(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired, keep_sample,
+                          penalty)  # fmt: skip
     if keep_sample:
         raise ValueError("keep_sample: only the cpu backend's C++ layer keeps the hard-concrete sample")
     y, aux = _kernel_forward(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired)
-    return y, y.new_empty(_aux_shape(x, weight, family, granularity, keep_sample)) if aux is None else aux
+    aux = y.new_empty(_aux_shape(x, weight, family, granularity, keep_sample)) if aux is None else aux
+    p = _penalty(weight, bias, phi, family, params, granularity, penalty) if penalty else phi.new_empty(0)
+    return y, aux, p
 
 
 @gated_linear_op.register_fake
-def _(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired, keep_sample):
+def _(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired, keep_sample, penalty):
     aux = x.new_empty(_aux_shape(x, weight, family, granularity, keep_sample), dtype=_aux_dtype(x, phi, keep_sample))
-    return x.new_empty(x.shape[0], weight.shape[0]), aux
+    p = phi.new_empty((), dtype=compute_dtype(phi.dtype)) if penalty else phi.new_empty(0)
+    return x.new_empty(x.shape[0], weight.shape[0]), aux, p
 
 
 @eager.custom_op("npn::gated_linear_backward")
 def gated_linear_backward_op(
     grad_y: Tensor,
+    grad_penalty: Optional[Tensor],
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
@@ -316,33 +360,40 @@ def gated_linear_backward_op(
     example: bool,
     paired: bool,
     keep_sample: bool,
+    penalty: list[float],
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dW, db, dphi); an input that needs no gradient gets an empty [0] tensor."""
+    """(dx, dW, db, dphi) of the output's and (grad_penalty) the penalty's gradient; an input that
+    needs no gradient gets an empty [0] tensor."""
     if _in_cpp(x.device, granularity, example, keep_sample):
-        return _ext.ops.gated_linear_backward(grad_y, x, weight, bias, phi, seed, offset, aux, family, params, granularity,
-                                              training, paired, keep_sample, COMPACT_BELOW, needs)  # fmt: skip
+        return _ext.ops.gated_linear_backward(grad_y, grad_penalty, x, weight, bias, phi, seed, offset, aux, family,
+                                              params, granularity, training, paired, keep_sample, COMPACT_BELOW,
+                                              penalty, needs)  # fmt: skip
     grads = _kernel_backward(grad_y.contiguous(), x, weight, bias, phi, seed, offset, aux if aux.dim() == 2 else None,
                              family, params, granularity, training, example, paired, needs)  # fmt: skip
+    if grad_penalty is not None and penalty:
+        grads = _penalty_backward(grad_penalty, weight, bias, phi, family, params, granularity, penalty, grads)
     return tuple(t.new_empty(0) if g is None else g for t, g in zip((x, weight, x, phi), grads))
 
 
 @gated_linear_backward_op.register_fake
-def _(grad_y, x, weight, bias, phi, seed, offset, aux, family, params, granularity, training, example, paired, keep_sample,
-      needs):  # fmt: skip
+def _(grad_y, grad_penalty, x, weight, bias, phi, seed, offset, aux, family, params, granularity, training, example,
+      paired, keep_sample, penalty, needs):  # fmt: skip
     shapes = (x.shape, weight.shape, (weight.shape[0],) if bias is not None else (0,), phi.shape)
     # dphi in phi's dtype, which may differ from x's (float32 phi, bfloat16 activations)
     return tuple(t.new_empty(shape if need else (0,)) for t, shape, need in zip((x, x, x, phi), shapes, needs))
 
 
-register_layer_autograd(gated_linear_op, gated_linear_backward_op)
+register_layer_autograd(gated_linear_op, gated_linear_backward_op, penalty=True)
 
 
-def _native(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired, keep_sample):
+def _native(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired, keep_sample,
+            penalty):  # fmt: skip
     """An eager call the C++ layer runs, forward and backward (its autograd node is C++); else None."""
     if not _in_cpp(x.device, granularity, example, keep_sample):
         return None
-    return _cpp_layer(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired, keep_sample)
+    return _cpp_layer(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired, keep_sample,
+                      penalty)  # fmt: skip
 
 
 gated_linear_op.register_native(_native)
@@ -381,9 +432,6 @@ def gated_linear(
     phi = check_tensor("phi", phi, device=x.device)
     gate = check_gate(gate)
     training, paired = check_flag("training", training), check_flag("paired", paired)
-    keep = keeps_sample(x.device, gate.family, granularity, training)
-    if not _in_cpp(x.device, granularity, noise == "example", keep):
-        check_finite("phi", phi)  # the C++ layer checks phi itself
     if granularity not in reference.GRANULARITIES:
         raise ValueError(f"granularity: expected one of {', '.join(reference.GRANULARITIES)}, got {granularity!r}")
     if noise not in ("batch", "example"):
@@ -400,11 +448,27 @@ def gated_linear(
     expected = reference.phi_shape(granularity, n, k)
     if tuple(phi.shape) != expected:
         raise ValueError(f"phi: expected shape {expected} for granularity {granularity!r}, got {tuple(phi.shape)}")
-    x2 = x.reshape(-1, k)
-    if paired and (gate.family != BINARY or not training or x2.shape[0] % 2):
+    if paired and (gate.family != BINARY or not training or x.reshape(-1, k).shape[0] % 2):
         raise ValueError("paired: needs Binary gates in training and an even number of rows (the doubled batch)")
     seed_t, offset_t = rng_tensors(seed, offset, x.device)
+    return layer_forward(x, weight, bias, phi, gate, granularity, seed_t, offset_t, training, noise, paired)[0]
+
+
+def layer_forward(x, weight, bias, phi, gate, granularity, seed, offset, training, noise, paired, penalty=None):
+    """(y [..., N], p): gated_linear on arguments already checked (a gated module's own, checked
+    when it was built; x's dtype and device by the module), and with ``penalty`` = (group_size,
+    l0, weight_decay) the layer's penalty p computed in the same op (0-dim; else None): its
+    gradient is added into the layer's own dW and d phi. seed and offset: int64 tensors on x's
+    device. Checked here: x's last dim, and phi's values where the C++ layer does not check them.
+    """
+    k = weight.shape[1]
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x: expected shape [..., {k}] (in_features of weight), got {tuple(x.shape)}")
     example = noise == "example"
-    y, _ = gated_linear_op(x2, weight, bias, phi, seed_t, offset_t, gate.family, list(gate.params), granularity,
-                           training, example, paired, keep)  # fmt: skip
-    return y.view(*x.shape[:-1], n)
+    keep = keeps_sample(x.device, gate.family, granularity, training)
+    if not _in_cpp(x.device, granularity, example, keep):
+        check_finite("phi", phi)  # the C++ layer checks phi itself
+    coef = [] if penalty is None else [float(c) for c in penalty]
+    y, _, p = gated_linear_op(x.reshape(-1, k), weight, bias, phi, seed, offset, gate.family, list(gate.params),
+                              granularity, training, example, paired, keep, coef)  # fmt: skip
+    return y.view(*x.shape[:-1], weight.shape[0]), (p if penalty is not None else None)

@@ -73,8 +73,10 @@ def check_tensor(name: str, t, dtype=None, device=None) -> Tensor:
     return t
 
 
-def register_layer_autograd(op, backward_op) -> None:
-    """Autograd of a layer op ``(x, weight, bias, phi, seed, offset, *static) -> (y, aux)``.
+def register_layer_autograd(op, backward_op, *, penalty: bool = False) -> None:
+    """Autograd of a layer op ``(x, weight, bias, phi, seed, offset, *static) -> (y, aux)``, or
+    ``-> (y, aux, p)`` with ``penalty`` (p: the layer's penalty, whose gradient the backward op
+    takes second: ``backward_op(grad_y, grad_p, x, ...)``).
 
     The backward op gets the saved tensors, the static arguments and which of (x, weight, bias,
     phi) need a gradient, and runs on the forward's backend even outside its `use` block.
@@ -85,15 +87,19 @@ def register_layer_autograd(op, backward_op) -> None:
         ctx.save_for_backward(x, weight, bias, phi, seed, offset, output[1])
         ctx.static = static
         ctx.backend = backends.select(x.device)
+        ctx.y_shape = output[0].shape
 
-    def backward(ctx, grad_y, _grad_aux):
+    def backward(ctx, grad_y, _grad_aux, grad_p=None):
         x, weight, bias, phi, seed, offset, aux = ctx.saved_tensors
         needs = [bool(n) for n in ctx.needs_input_grad[:4]]
         none = (None,) * (len(ctx.needs_input_grad) - 4)
-        if grad_y is None or not any(needs):
+        if (grad_y is None and grad_p is None) or not any(needs):
             return (None,) * 4 + none
+        if grad_y is None:  # a penalty used without y (rare): the task's part is zero
+            grad_y = x.new_zeros(ctx.y_shape)
         with backends.use(ctx.backend):
-            grads = backward_op(grad_y, x, weight, bias, phi, seed, offset, aux, *ctx.static, needs)
+            head = (grad_y, grad_p) if penalty else (grad_y,)
+            grads = backward_op(*head, x, weight, bias, phi, seed, offset, aux, *ctx.static, needs)
         return tuple(g if need else None for g, need in zip(grads, needs)) + none
 
     op.register_autograd(backward, setup_context=setup)
