@@ -118,6 +118,17 @@ def test_paired_matches_two_reference_passes(backend, granularity, noise, halves
     _check(backend, x, weight, bias, phi, npn.Binary(3.0), granularity, noise=noise, paired=True)
 
 
+@pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
+@pytest.mark.parametrize("granularity", ["in", "out"])
+@pytest.mark.parametrize("halves", ["same", "different"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_paired_dtypes(backend, granularity, halves, dtype):
+    """Paired batches in every dtype the CPU layer takes (its loop scales each half by its gates)."""
+    x, weight, bias, phi = _inputs(6, 67, 9, granularity, dtype)
+    x = torch.cat([x, x if halves == "same" else torch.randn_like(x)])
+    _check(backend, x, weight, bias, phi, npn.Binary(3.0), granularity, paired=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gate_name", ["binary", "hc"])
 @pytest.mark.parametrize("granularity", ["in", "out"])
