@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from npn_kernels import ops
 from npn_kernels.gates import Binary, HardConcrete, check_gate, compute_dtype
 from npn_kernels.ops.gated_linear.function import layer_forward
+from npn_kernels.ops.uniforms.function import uniforms_op
 from npn_kernels.ops.gates.function import FLOAT_DTYPES, check_finite, checked_l0_penalty, kernel_checks_phi
 
 GRANULARITIES = ("weight", "in", "out")
@@ -179,10 +180,11 @@ class GatedModule(nn.Module):
         return self._apply_gates(x, (u.to(pi.dtype) > 1 - pi).to(x.dtype))  # z' = 1[u > 1 - pi] (DESIGN 2.1)
 
     def noise_of(self, offset: Tensor, rows: int) -> Tensor:
-        """The uniforms u of a draw at ``offset``: phi's shape (batch noise) or [rows, units] (example)."""
+        """The uniforms u of a draw at ``offset``: phi's shape (batch noise) or [rows, units] (example).
+        The op itself: seed and offset are the layer's own int64 scalars, on phi's device."""
         if self.noise == "example":
-            return ops.uniforms(rows * self.phi.numel(), seed=self.seed, offset=offset, device=self.phi.device).view(rows, -1)
-        return ops.uniforms(self.phi.numel(), seed=self.seed, offset=offset, device=self.phi.device).view(self.phi.shape)
+            return uniforms_op(rows * self.phi.numel(), self.seed, offset).view(rows, -1)
+        return uniforms_op(self.phi.numel(), self.seed, offset).view(self.phi.shape)
 
     # ---- gates ---------------------------------------------------------------------------------
 
@@ -393,14 +395,14 @@ def gated_modules(model: nn.Module) -> list[GatedModule]:
 
 def penalty(model: nn.Module) -> Tensor:
     """Sum of the penalties of every gated layer of ``model``: a 0-dim tensor (0.0 if it has none)."""
-    return penalty_with(model, {})
+    return penalty_with(gated_modules(model), {})
 
 
-def penalty_with(model: nn.Module, computed: dict[GatedModule, Tensor]) -> Tensor:
-    """penalty(model), with the penalties the layers already computed in a forward (their
-    ``penalties``) taken as they are; the other layers compute theirs here."""
+def penalty_with(modules: list[GatedModule], computed: dict[GatedModule, Tensor]) -> Tensor:
+    """The penalty of ``modules`` (a model's gated layers), with the penalties the layers already
+    computed in a forward (their ``penalties``) taken as they are; the others compute theirs here."""
     total = None
-    for m in gated_modules(model):
+    for m in modules:
         p = computed[m] if m in computed else m.penalty()
         total = p if total is None else total + p
     return torch.zeros(()) if total is None else total

@@ -85,12 +85,12 @@ def _surrogate(layers: list[GatedModule], draws: Draws, diff: Tensor) -> Tensor:
     phis, cs = [], []
     with torch.no_grad():
         for m in layers:
-            terms = []
+            terms, kd = [], m.gate.k * diff
             for offset, rows in draws.get(m, []):
-                e = m.noise_of(offset, rows) - 0.5
+                e = m.noise_of(offset, rows).sub_(0.5)
                 if m.noise == "example":
                     e = e.sum(0).view(m.phi.shape)
-                terms.append((m.gate.k * diff * e).to(m.phi.dtype))
+                terms.append(e.mul_(kd).to(m.phi.dtype))  # k·diff·(u − 1/2), in place
             if terms:
                 phis.append(m.phi)
                 cs.append(terms[0] if len(terms) == 1 else torch.stack(terms).sum(0))
@@ -131,7 +131,7 @@ def _two_passes(model, modules, layers, loss_fn, inputs, target, average: bool) 
             for name, b in buffers.items():
                 setattr(bn, name, b)
     task = (f + f2) / 2 if average else f
-    return task + penalty_with(model, penalties) + _surrogate(layers, draws, (f2 - f).detach())
+    return task + penalty_with(modules, penalties) + _surrogate(layers, draws, (f2 - f).detach())
 
 
 def objective(model: nn.Module, loss_fn, inputs: Tensor, target, *, average: bool = False) -> Tensor:
@@ -174,7 +174,7 @@ def _objective(model, modules, loss_fn, inputs, target, average) -> Tensor:
     if not layers:
         with _objective_pass(modules, penalties=penalties):
             f = _scalar(loss_fn(model(inputs), target))
-        return f + penalty_with(model, penalties)
+        return f + penalty_with(modules, penalties)
     if average or _batchnorms(model):
         return _two_passes(model, modules, layers, loss_fn, inputs, target, average)
     rows = inputs.shape[0]
@@ -187,4 +187,4 @@ def _objective(model, modules, loss_fn, inputs, target, average) -> Tensor:
             raise
     f = _scalar(loss_fn(tree_map(lambda t: t[:rows], out), target))
     f2 = _scalar(loss_fn(tree_map(lambda t: t[rows:], out), target)).detach()
-    return f + penalty_with(model, penalties) + _surrogate(layers, draws, f2 - f.detach())
+    return f + penalty_with(modules, penalties) + _surrogate(layers, draws, f2 - f.detach())
