@@ -5,9 +5,11 @@
 //
 // Why in C++: the same forward + backward composed in Python cost ~0.35 ms of interpreter and
 // autograd.Function bookkeeping per layer call (torch 2.13, 2 cores, 2026-11-24), as much as
-// the GEMMs of a 300→100 layer at batch 128 (row C4 of bench/). Here that is ~20 ATen calls: a
-// paired 100→10 layer at 256 rows still takes ~85 us around its 16 us GEMM (the broadcast gate
-// multiply alone 15 us), which a fused loop could cut. The Python composition in function.py
+// the GEMMs of a 300→100 layer at batch 128 (row C4 of bench/). Here that is ~25 ATen calls
+// per direction: a paired 100→10 layer at 256 rows, forward + backward with its penalty, takes
+// ~0.3 ms (torch.profiler) around ~0.05 ms of GEMMs (2026-11-25); fused loops could cut it. With
+// penalty coefficients the op also returns the layer's penalty (LayerPenalty), whose gradient
+// joins the layer's own dW and d phi. The Python composition in function.py
 // stays for the other backends and for example noise; both call the same gate kernels, and the
 // CPU path's custom op (torch.compile, opcheck) calls these launchers, so eager and traced calls
 // give the same bits.
@@ -317,7 +319,6 @@ std::tuple<Tensor, Tensor> layer_forward(const Tensor& x, const Tensor& weight,
   scale_halves(y, z, m, y);
   return {y, none};
 }
-
 
 }  // namespace
 

@@ -291,7 +291,7 @@ def _penalty(weight, bias, phi, family, params, granularity, penalty: list[float
 
 
 def _penalty_backward(grad, weight, bias, phi, family, params, granularity, penalty: list[float], grads):
-    """grads (dx, dW, db, dphi) with the penalty's gradient added (dphi: a zero tensor when absent)."""
+    """grads (dx, dW, db, dphi) with the penalty's gradient added to those that are wanted (not None)."""
     group_size, l0, weight_decay = penalty
     dx, dw, db, dphi = grads
     w = _penalty_weight(weight, granularity, weight_decay)
