@@ -10,8 +10,10 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <functional>
+#include <optional>
 #include <type_traits>
 
 #include "blocks.h"
@@ -384,18 +386,46 @@ void sample_gates_backward_from_z(const at::Tensor& grad_z, const at::Tensor& z,
 
 namespace {
 
-// weight: None, phi-shaped or grouped [A, P, B] (P = phi.numel()), phi's dtype, CPU; returned
-// contiguous (undefined for None).
+// [A, P, B] when phi, of weight's rank but not its shape, broadcasts to weight with its non-1
+// dims one block of weight's dims (a gated layer's phi view against its weight: (1, K) against
+// [N, K], (C_out, 1, 1, 1) against a conv weight): phi's unit p owns W[a, p, b]. Why weights come
+// in this form: the caller's reshape to [A, P, B] is an autograd view, and autograd adds a
+// gradient that reaches a parameter through a view into the layer's own out of place (a fresh
+// weight-sized buffer per step).
+std::optional<std::array<int64_t, 3>> block_groups(const at::Tensor& w, const at::Tensor& phi) {
+  if (w.dim() != phi.dim() || w.sizes() == phi.sizes() || phi.numel() == 0) return std::nullopt;
+  int64_t first = -1, last = -1;
+  for (int64_t d = 0; d < phi.dim(); ++d) {
+    if (phi.size(d) != 1) {
+      first = first < 0 ? d : first;
+      last = d;
+    }
+  }
+  if (first < 0) return std::array<int64_t, 3>{1, 1, w.numel()};
+  for (int64_t d = first; d <= last; ++d) {
+    if (phi.size(d) != w.size(d)) return std::nullopt;
+  }
+  int64_t a = 1, b = 1;
+  for (int64_t d = 0; d < first; ++d) a *= w.size(d);
+  for (int64_t d = last + 1; d < w.dim(); ++d) b *= w.size(d);
+  return std::array<int64_t, 3>{a, phi.numel(), b};
+}
+
+// weight: None, phi-shaped, phi's block broadcast (block_groups) or grouped [A, P, B]
+// (P = phi.numel()), phi's dtype, CPU; returned contiguous, [A, P, B] for the block form
+// (undefined for None).
 at::Tensor checked_weight(const std::optional<at::Tensor>& weight, const at::Tensor& phi) {
   if (!weight.has_value() || !weight->defined()) return at::Tensor();
   const at::Tensor& w = *weight;
+  const auto block = block_groups(w, phi);
   const bool grouped = w.dim() == 3 && w.size(1) == phi.numel();
   TORCH_CHECK(w.is_cpu() && w.scalar_type() == phi.scalar_type() &&
-                  (w.sizes() == phi.sizes() || grouped),
-              "weight: expected None or a CPU tensor of dtype ", phi.scalar_type(),
-              " and shape ", phi.sizes(), " or [A, ", phi.numel(), ", B], got ",
-              w.scalar_type(), " ", w.sizes(), " on ", w.device());
-  return w.contiguous();
+                  (w.sizes() == phi.sizes() || block.has_value() || grouped),
+              "weight: expected None or a CPU tensor of dtype ", phi.scalar_type(), " and shape ",
+              phi.sizes(), ", one that phi broadcasts to over a block of its dims, or [A, ",
+              phi.numel(), ", B], got ", w.scalar_type(), " ", w.sizes(), " on ", w.device());
+  const at::Tensor wc = w.contiguous();
+  return block.has_value() ? wc.view({(*block)[0], (*block)[1], (*block)[2]}) : wc;
 }
 
 bool is_grouped(const at::Tensor& w, const at::Tensor& phi) {
@@ -476,8 +506,8 @@ PenaltyCoef<T> make_coef(double group_size, double l0, double weight_decay) {
 
 }  // namespace
 
-// phi [*S], weight None, [*S] or grouped [A, P, B] (q_p = sum_ab W[a, p, b]^2) -> 0-dim float32
-// (float64 for float64 phi).
+// phi [*S], weight None, [*S], a block broadcast of phi (block_groups) or grouped [A, P, B]
+// (q_p = sum_ab W[a, p, b]^2) -> 0-dim float32 (float64 for float64 phi).
 at::Tensor l0_penalty(const at::Tensor& phi, const std::optional<at::Tensor>& weight,
                       int64_t family, c10::ArrayRef<double> params, double group_size, double l0,
                       double weight_decay, bool sumsq) {
@@ -526,9 +556,11 @@ void l0_penalty_backward(const at::Tensor& grad, const at::Tensor& phi,
               "grad: expected a one-element floating-point CPU tensor, got ", grad.scalar_type(),
               " ", grad.sizes(), " on ", grad.device());
   const bool has_gw = grad_weight.has_value() && grad_weight->defined();
+  at::Tensor gw;  // grad_weight in w's layout ([A, P, B] for the block form)
   if (has_gw) {
     TORCH_CHECK(w.defined(), "grad_weight: expected None when weight is None");
-    check_output(*grad_weight, w, "grad_weight");
+    check_output(*grad_weight, *weight, "grad_weight");
+    gw = grad_weight->view(w.sizes());
   }
   if (is_grouped(w, phi)) {
     // the sumsq kernel's dL/dq_p, then dL/dW = 2 W dL/dq_p in one broadcast multiply
@@ -537,7 +569,7 @@ void l0_penalty_backward(const at::Tensor& grad, const at::Tensor& phi,
     l0_penalty_backward(grad, phi.to(q.scalar_type()), q, family, params, group_size, l0,
                         weight_decay, true, grad_phi_q, grad_q);
     grad_phi.copy_(grad_phi_q);
-    if (has_gw) grouped_sumsq_backward(w, grad_q, *grad_weight);
+    if (has_gw) grouped_sumsq_backward(w, grad_q, gw);
     return;
   }
   const int64_t n = phi.numel();
@@ -550,7 +582,7 @@ void l0_penalty_backward(const at::Tensor& grad, const at::Tensor& phi,
         const auto g = make_gate<T>(spec);
         const auto c = make_coef<T>(group_size, l0, weight_decay);
         const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
-        scalar_t* gwp = has_gw ? grad_weight->mutable_data_ptr<scalar_t>() : nullptr;
+        scalar_t* gwp = has_gw ? gw.mutable_data_ptr<scalar_t>() : nullptr;
         with_family(spec.family, [&](auto fam) {
           with_weight_kind(w.defined(), sumsq, [&](auto kind) {
             penalty_backward_kernel<scalar_t, decltype(fam)::value, decltype(kind)::value>(

@@ -224,8 +224,13 @@ class GatedModule(nn.Module):
         """L0 + expected-L2 penalty (DESIGN 2.1/2.2) + weight_decay/2·||bias||² (the bias is ungated): 0-dim."""
         phi_view, weight_view = self._group_shapes()
         # the layer's own arguments, checked when it was built (ops.l0_penalty re-checks each per call)
-        phi = (self.phi if kernel_checks_phi(self.phi) else check_finite("phi", self.phi)).view(phi_view)
-        p = checked_l0_penalty(phi, self.gate, float(self.group_size), self.weight.view(weight_view), self.l0, self.weight_decay)
+        phi = self.phi if kernel_checks_phi(self.phi) else check_finite("phi", self.phi)
+        # each parameter itself where its view would have its own shape: the op groups W itself,
+        # and no autograd view stands between the penalty's gradient and the layer's, which
+        # autograd then adds in place (see ops.gates.function.block_groups)
+        phi = phi if phi_view == tuple(phi.shape) else phi.view(phi_view)
+        weight = self.weight if weight_view == tuple(self.weight.shape) else self.weight.view(weight_view)
+        p = checked_l0_penalty(phi, self.gate, float(self.group_size), weight, self.l0, self.weight_decay)
         if self.bias is not None and self.weight_decay:
             p = p + (self.weight_decay / 2) * self.bias.to(p.dtype).square().sum()
         return p

@@ -274,6 +274,22 @@ def test_penalty_from_the_layer_op(backend, granularity, gate, paired, weight_de
         assert_close(a, b)
 
 
+@pytest.mark.parametrize("backend", backend_params("reference", "cpu", "triton"))
+@pytest.mark.parametrize("granularity", ["in", "out"])
+def test_penalty_gradient_joins_the_layers_in_place(backend, granularity):
+    """layer(x).sum() + layer.penalty(): the penalty's dW is a tensor of W's shape, not a view, so
+    autograd adds the layer's dW into it in place; a view's gradient is added out of place, into
+    a third weight-sized buffer per step (aten::add instead of aten::add_). Structured gates: no
+    other [N, K] sum runs in the backward."""
+    m = _linear(granularity, gate=HC, l0=0.3, weight_decay=0.1)
+    with npn.backends.use(backend):
+        loss = m(torch.randn(5, 6)).sum() + m.penalty()
+        with torch.profiler.profile(record_shapes=True) as prof:
+            loss.backward()
+    sums = [e.name for e in prof.events() if e.name in ("aten::add", "aten::add_") and e.input_shapes[:2] == [[4, 6]] * 2]
+    assert sums == ["aten::add_"]
+
+
 def test_model_penalty():
     model = nn.Sequential(_linear(l0=0.1), nn.ReLU(), nn.Linear(4, 4), npn.GatedLinear(4, 2, l0=0.2))
     assert_close(npn.penalty(model), model[0].penalty() + model[3].penalty())

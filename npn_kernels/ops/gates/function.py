@@ -201,8 +201,9 @@ def l0_penalty_op(
     sumsq: bool,
 ) -> Tensor:
     """0-dim penalty, float64 for float64 phi, else float32. weight: None; phi-shaped (q = W², or q =
-    weight itself with sumsq); or grouped [A, P, B] with P = phi.numel(): q_p = sum_ab W[a, p, b]²
-    (the C++ kernels take it as it is; the other backends get q from _grouped)."""
+    weight itself with sumsq); of phi's rank, phi broadcasting to it over one block of its dims
+    (block_groups); or grouped [A, P, B] with P = phi.numel(): q_p = sum_ab W[a, p, b]² (the C++
+    kernels take either as it is; the other backends get q from _grouped)."""
     if _regroup(phi, weight):
         phi, weight = _grouped(phi, weight)
         sumsq = True
@@ -215,11 +216,29 @@ def _regroup(phi: Tensor, weight: Tensor | None) -> bool:
     return weight is not None and weight.shape != phi.shape and backends.select(phi.device) != "cpu"
 
 
+def block_groups(phi: Tensor, weight: Tensor) -> bool:
+    """Whether phi, of weight's rank but not its shape, broadcasts to weight with its non-1 dims one
+    block of weight's dims (a gated layer's phi view against its weight). The ops take such a
+    weight as it is and group it themselves: reshaped by the caller it would reach the parameter
+    through an autograd view, whose gradient autograd adds into the layer's out of place (a fresh
+    weight-sized buffer per step). The C++ kernels apply the same rule (csrc/cpu/gates.cpp)."""
+    if weight.dim() != phi.dim() or weight.shape == phi.shape or phi.numel() == 0:
+        return False
+    spans = [d for d, size in enumerate(phi.shape) if size != 1]
+    return not spans or all(phi.shape[d] == weight.shape[d] for d in range(spans[0], spans[-1] + 1))
+
+
+def _as_groups(phi: Tensor, weight: Tensor) -> Tensor:
+    """A grouped or block-broadcast weight as [A, P, B] (a view: no autograd inside an op)."""
+    return _group_view(phi, weight) if block_groups(phi, weight) else weight
+
+
 def _grouped(phi: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """(phi, q) for grouped weights [A, P, B]: q_p = sum_ab W[a, p, b]² in the math dtype (float32;
-    float64 for float64), phi-shaped, and phi cast to it (the kernels take both in one dtype; an
-    exact cast). Summed in float16 a group overflows past 65504 (300 weights of 20.0: 120000)."""
-    q = weight.to(compute_dtype(weight.dtype)).square().sum(dim=(0, 2)).view(phi.shape)
+    """(phi, q) for grouped weights ([A, P, B] or block-broadcast): q_p = sum_ab W[a, p, b]² in the
+    math dtype (float32; float64 for float64), phi-shaped, and phi cast to it (the kernels take
+    both in one dtype; an exact cast). Summed in float16 a group overflows past 65504 (300
+    weights of 20.0: 120000)."""
+    q = _as_groups(phi, weight).to(compute_dtype(weight.dtype)).square().sum(dim=(0, 2)).view(phi.shape)
     return phi.to(q.dtype), q
 
 
@@ -247,7 +266,8 @@ def l0_penalty_backward_op(
         # broadcast multiply (the autograd of W.square().sum() took ~0.2 ms per 784x300 layer)
         phi_q, q = _grouped(phi, weight)
         grad_phi_q, grad_q = l0_penalty_backward_op(grad, phi_q, q, family, params, group_size, l0, weight_decay, True)
-        grad_weight = weight * (2 * grad_q).view(1, -1, 1)
+        # in weight's own shape (phi's broadcasts to it), not a view: see block_groups
+        grad_weight = weight * (2 * grad_q).view(phi.shape if block_groups(phi, weight) else (1, -1, 1))
         return grad_phi_q.to(phi.dtype), grad_weight.to(weight.dtype)
     grad_phi = torch.empty_like(phi, memory_format=torch.contiguous_format)
     grad_weight = None if weight is None else torch.empty_like(weight, memory_format=torch.contiguous_format)
@@ -435,8 +455,8 @@ def checked_l0_penalty(phi: Tensor, gate, group_size: float, weight: Tensor | No
             # W enters only through (wd/2)·||W_g||²: left out, a huge W (||W_g||² = inf) cannot turn
             # 0·inf into NaN; an empty slice of W keeps it in the graph with a zero gradient
             tie = weight.unsqueeze(0).narrow(0, 0, 0).sum()
-        elif phi.shape == weight.shape:
-            arg = weight
+        elif phi.shape == weight.shape or block_groups(phi, weight):
+            arg = weight  # the op groups a block broadcast itself: no view between it and W
         else:  # the op sums each group's squares and writes dW itself (see _grouped)
             arg = _group_view(phi, weight)
     # sumsq False: arg is W itself (phi-shaped or grouped [A, P, B]); the op forms the squares
