@@ -18,7 +18,7 @@
 #include <torch/autograd.h>
 
 #include <array>
-#include <cstring>
+#include <optional>
 #include <tuple>
 
 #include "npn/gates.h"
@@ -90,28 +90,6 @@ Tensor scaled(const Tensor& x, const Tensor& z) {
   return at::mul_out(out, x, z);
 }
 
-// out [2m, K] = x [2m, K] with its first m rows scaled by z[0] and the rest by z[1] (z [2, K]
-// contiguous, x's dtype); out may be x. One pass: ATen's broadcast multiply of [2, m, K] by
-// [2, 1, K] took 62 us for the 256x100 input of row C4's last layer (2026-11-25), ~20x this loop.
-void scale_halves(const Tensor& x, const Tensor& z, int64_t m, const Tensor& out) {
-  const int64_t rows = x.size(0), k = x.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scale_halves", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* zp = z.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    // ~64K elements per task: below that a second thread costs more than it saves
-    at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{64} << 10) / std::max<int64_t>(1, k)),
-                     [&](int64_t r0, int64_t r1) {
-                       for (int64_t r = r0; r < r1; ++r) {
-                         const scalar_t* zr = zp + (r < m ? 0 : k);
-                         const scalar_t* xr = xp + r * k;
-                         scalar_t* orow = op + r * k;
-                         for (int64_t j = 0; j < k; ++j) orow[j] = xr[j] * zr[j];
-                       }
-                     });
-  });
-}
-
 // Indices of the nonzero gates of z [P] when fewer than compact_below·P are open, else undefined
 // (function.py's _open_units). Counted first in a loop: most calls (row C4: 95% open) need no
 // indices, and nonzero() costs ~6 us per call even for 100 gates.
@@ -168,16 +146,6 @@ Tensor paired_same_input(const Tensor& x1, const Tensor& w, const std::optional<
   at::addmm_out(y2, y1, x1.index_select(1, changed) * d.index_select(0, changed),
                 w.index_select(1, changed).t());
   return y;
-}
-
-// Whether both halves of a paired batch x [2m, K] hold the same bits: the first gated layer of
-// an ARM pass sees [x; x] itself. Bits, not values: equal bits give the same products, and
-// memcmp reads the 400 KB of a 128x784 float32 half in ~15 us where at::equal took ~45 us.
-bool same_halves(const Tensor& x, int64_t m) {
-  if (!x.is_contiguous()) return at::equal(x.narrow(0, 0, m), x.narrow(0, m, m));
-  const size_t half = static_cast<size_t>(m * x.size(1)) * x.element_size();
-  const char* p = static_cast<const char*>(x.const_data_ptr());
-  return std::memcmp(p, p + half, half) == 0;
 }
 
 // One half (or the whole batch) of structured gates: (y, y before the gates or undefined).
@@ -296,36 +264,37 @@ std::tuple<Tensor, Tensor> layer_forward(const Tensor& x, const Tensor& weight,
     auto [y, y_pre] = structured_half(g, x, weight, bias, granularity, false, compact_below);
     return {y, g.family == kHardConcrete && granularity == "out" ? y_pre : none};
   }
+  // a paired call's aux: the noise u [P] of its gates z = [z; z'] [2, P] (ARM's surrogate reads it)
   const int64_t m = x.size(0) / 2;
-  const Tensor z = at::stack({g.vector(false), g.vector(true)}).to(x.scalar_type());  // [2, P]
+  const auto [u, z] = paired_gates(g.phi, g.seed, g.offset, g.params, x.scalar_type());
   if (same_halves(x, m)) {
-    return {paired_same_input(x.narrow(0, 0, m), weight, bias, granularity, z, compact_below),
-            none};
+    return {paired_same_input(x.narrow(0, 0, m), weight, bias, granularity, z, compact_below), u};
   }
   if (open_units(z[0], compact_below).defined() || open_units(z[1], compact_below).defined()) {
     auto first = std::get<0>(
         structured_half(g, x.narrow(0, 0, m), weight, bias, granularity, false, compact_below));
     auto second = std::get<0>(
         structured_half(g, x.narrow(0, m, m), weight, bias, granularity, true, compact_below));
-    return {at::cat({first, second}), none};
+    return {at::cat({first, second}), u};
   }
   if (granularity == "in") {
     const Tensor xc = x.contiguous();
     const Tensor xz = workspace_like(xc);  // lives across the GEMM only
     scale_halves(xc, z, m, xz);
-    return {at::linear(xz, weight, bias), none};
+    return {at::linear(xz, weight, bias), u};
   }
   Tensor y = at::linear(x, weight, bias);
   scale_halves(y, z, m, y);
-  return {y, none};
+  return {y, u};
 }
 
 }  // namespace
 
 // x [M, K], weight [N, K], bias [N] or None, phi [K] ("in"), [N] ("out") or [N, K] ("weight",
 // keep_sample) -> (y [M, N], aux, penalty): aux is y before the gates for HardConcrete "out"
-// gates, the sample s [N, K] (float32; float64 for float64 phi) with keep_sample, else empty
-// [0]; penalty: the layer's (LayerPenalty) when penalty_coef is given, else empty [0].
+// gates, the sample s [N, K] (float32; float64 for float64 phi) with keep_sample, the noise u
+// [P] (float32) of a paired call's gates, else empty [0]; penalty: the layer's (LayerPenalty)
+// when penalty_coef is given, else empty [0].
 std::tuple<Tensor, Tensor, Tensor> gated_linear(
     const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& phi,
     const Tensor& seed, const Tensor& offset, int64_t family, c10::ArrayRef<double> params,
@@ -447,9 +416,15 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
                                std::string granularity, bool training, bool paired,
                                bool keep_sample, double compact_below,
                                std::vector<double> penalty_coef) {
-    auto [y, aux, penalty] = gated_linear(x, weight, bias, phi, seed, offset, family, params,
-                                          granularity, training, paired, keep_sample,
-                                          compact_below, penalty_coef);
+    Tensor y, aux, penalty;
+    {
+      // the layer's ~25 ATen calls go straight to their CPU kernels: this node is their autograd
+      // (skipping the autograd and ADInplaceOrView kernels: ~0.5 us a call)
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(y, aux, penalty) = gated_linear(x, weight, bias, phi, seed, offset, family, params,
+                                               granularity, training, paired, keep_sample,
+                                               compact_below, penalty_coef);
+    }
     ctx->save_for_backward({x, weight, bias.value_or(Tensor()), phi, seed, offset, aux});
     ctx->saved_data["family"] = family;
     ctx->saved_data["params"] = params;
@@ -481,6 +456,9 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
     const std::string granularity = ctx->saved_data["granularity"].toStringRef();
     const c10::List<bool> flags = ctx->saved_data["flags"].toBoolList();
     const std::vector<double> penalty_coef = ctx->saved_data["penalty_coef"].toDoubleVector();
+    // as in forward, unless the backward itself is recorded (create_graph)
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
     auto [dx, dw, db, dphi] = gated_linear_backward(
         grad_y, penalized ? std::optional<Tensor>(grads[2]) : std::nullopt, saved[0], saved[1], b,
         saved[3], saved[4], saved[5], saved[6], ctx->saved_data["family"].toInt(), params,

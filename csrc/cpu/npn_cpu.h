@@ -75,6 +75,11 @@ void hc_gate_mul_backward(const at::Tensor& grad, const at::Tensor& a, const at:
 // HardConcrete weight gates with keep_sample, optionally with the layer's penalty as a third
 // output (penalty_coef = {group_size, l0, weight_decay}); the Autograd kernel runs the backward
 // in C++.
+std::tuple<at::Tensor, at::Tensor> paired_gates(const at::Tensor& phi, const at::Tensor& seed,
+                                                const at::Tensor& offset,
+                                                c10::ArrayRef<double> params, at::ScalarType dtype);
+void scale_halves(const at::Tensor& x, const at::Tensor& z, int64_t m, const at::Tensor& out);
+bool same_halves(const at::Tensor& x, int64_t m);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_linear(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& phi, const at::Tensor& seed, const at::Tensor& offset, int64_t family,

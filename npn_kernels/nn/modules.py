@@ -8,7 +8,8 @@ and ``allocated`` (how many leading units the Expander has handed out).
 
 The objective (npn_kernels.training) drives a layer through four plain attributes:
 ``paired`` (the input is a doubled batch [x; x]: ARM's one-pass evaluation, DESIGN 4.3),
-``draws`` (a list: every training draw appends (offset tensor, rows)), ``replay`` (a list of
+``draws`` (a list: every training draw appends (offset tensor, rows, u): u is the noise a paired
+Binary call's op returned, else None), ``replay`` (a list of
 such draws: the next forward re-uses the oldest one, with ARM's antithetic gates for Binary
 layers in training, and advances nothing) and ``penalties`` (a dict: a layer whose op can
 compute its penalty in the same call (GatedLinear) enters {layer: penalty} at its first forward,
@@ -100,8 +101,8 @@ class GatedModule(nn.Module):
         self.register_buffer("offset", torch.zeros((), dtype=torch.int64, device=factory["device"]))
         self.register_buffer("allocated", torch.tensor(count, dtype=torch.int64, device=factory["device"]))
         self.paired = False
-        self.draws: list[tuple[Tensor, int]] | None = None
-        self.replay: list[tuple[Tensor, int]] | None = None
+        self.draws: list[tuple[Tensor, int, Tensor | None]] | None = None
+        self.replay: list[tuple[Tensor, int, Tensor | None]] | None = None
         self.penalties: dict[GatedModule, Tensor] | None = None
 
     @torch.no_grad()
@@ -143,7 +144,7 @@ class GatedModule(nn.Module):
             if x.device != self.weight.device:
                 raise ValueError(f"x: expected device {self.weight.device} (the layer's weight), got {x.device}")
         if self.replay is not None and self.training:  # evaluation draws nothing: nothing to replay
-            offset, rows = self.replay.pop(0)
+            offset, rows, _ = self.replay.pop(0)
             return self._replay(x, offset, rows)
         # the op keeps its offset tensor for the backward: hand it a copy, then advance the buffer.
         # Not .clone(): inductor drops a clone of a graph input that the graph then mutates
@@ -152,23 +153,24 @@ class GatedModule(nn.Module):
         offset = self.offset + 0
         paired = self.paired and self.training
         penalize = self.penalties is not None and self not in self.penalties
+        u = None  # the noise of a paired Binary call, where its op returns it
         if paired and isinstance(self.gate, Binary):
-            y, p = self._op(x, offset, paired=True, penalize=penalize)
+            y, p, u = self._op(x, offset, paired=True, penalize=penalize)
         elif paired and self.noise == "example":
             # hard-concrete, one gate per example: both halves must see the first half's gates
             first, second = x.chunk(2)
-            (y1, p), (y2, _) = self._op(first, offset, penalize=penalize), self._op(second, offset)
+            (y1, p, _), (y2, _, _) = self._op(first, offset, penalize=penalize), self._op(second, offset)
             y = torch.cat([y1, y2])
         else:  # plain; in a paired pass (batch noise) both halves of [x; x] share the one gate vector
-            y, p = self._op(x, offset, penalize=penalize)
+            y, p, _ = self._op(x, offset, penalize=penalize)
         if p is not None:
             self.penalties[self] = p
         if self.training:
             rows = self._rows(x) // 2 if self.paired else self._rows(x)
             if self.draws is not None:
-                self.draws.append((offset, rows))
-            with torch.no_grad():
-                self.offset.add_(ops.counters_for(self.phi.numel() * (rows if self.noise == "example" else 1)))
+                self.draws.append((offset, rows, u))
+            # a buffer needs no autograd: no no_grad() block (~3 us a call)
+            self.offset.add_(ops.counters_for(self.phi.numel() * (rows if self.noise == "example" else 1)))
         return y
 
     def _replay(self, x: Tensor, offset: Tensor, rows: int) -> Tensor:
@@ -293,8 +295,10 @@ class GatedLinear(GatedModule):
     def _rows(self, x: Tensor) -> int:
         return x.numel() // self.in_features
 
-    def _op(self, x: Tensor, offset: Tensor, paired: bool = False, penalize: bool = False) -> tuple[Tensor, Tensor | None]:
-        """(y, the layer's penalty from the same op with ``penalize``, else None)."""
+    def _op(self, x: Tensor, offset: Tensor, paired: bool = False,
+            penalize: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:  # fmt: skip
+        """(y, the layer's penalty from the same op with ``penalize``, else None, the noise u of a
+        paired call with batch noise, else None): layer_forward's."""
         penalty = (float(self.group_size), self.l0, self.weight_decay) if penalize else None
         return layer_forward(x, self.weight, self.bias, self.phi, self.gate, self.granularity, self.seed, offset,
                              self.training, self.noise, paired, penalty)  # fmt: skip
@@ -352,12 +356,13 @@ class GatedConv2d(GatedModule):
     def _rows(self, x: Tensor) -> int:
         return x.shape[0]
 
-    def _op(self, x: Tensor, offset: Tensor, paired: bool = False, penalize: bool = False) -> tuple[Tensor, None]:
-        """(y, None): the conv op does not compute the penalty (``penalize`` is ignored)."""
+    def _op(self, x: Tensor, offset: Tensor, paired: bool = False, penalize: bool = False) -> tuple[Tensor, None, None]:
+        """(y, None, None): the conv op neither computes the penalty (``penalize`` is ignored) nor
+        returns its noise."""
         y = ops.gated_conv2d(x, self.weight, self.bias, self.phi, self.gate, self.granularity, self.stride,
                              self.padding, self.dilation, self.groups, seed=self.seed, offset=offset,
                              training=self.training, noise=self.noise, paired=paired)  # fmt: skip
-        return y, None
+        return y, None, None
 
     def _apply_gates(self, x: Tensor, z: Tensor) -> Tensor:
         """The layer with gate values z (phi's shape, or [N, channels] for example noise)."""

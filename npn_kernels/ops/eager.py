@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 _PLAIN = (Tensor, nn.Parameter)
 
 
-def _traced(args) -> bool:
+def traced(args) -> bool:
     """Whether a call must go through the registered custom op: under torch.compile, a dispatch
     mode (fake or proxy tensors: make_fx, opcheck, AOTAutograd), or with a tensor subclass or a
     torch.func-wrapped tensor among the arguments."""
@@ -80,7 +80,7 @@ class EagerOp:
         self._native = native
 
     def __call__(self, *args):
-        if _traced(args):
+        if traced(args):
             return self.op(*args)
         if self._native is not None and (out := self._native(*args)) is not None:
             return out

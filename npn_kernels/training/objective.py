@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_map
 from npn_kernels.gates import Binary
 from npn_kernels.nn.modules import GatedModule, gated_modules, penalty_with
 
-Draws = dict[GatedModule, list[tuple[Tensor, int]]]
+Draws = dict[GatedModule, list[tuple[Tensor, int, Tensor | None]]]
 
 
 def _arm_layers(modules: list[GatedModule]) -> list[GatedModule]:
@@ -35,21 +35,22 @@ def _arm_layers(modules: list[GatedModule]) -> list[GatedModule]:
 
 @contextlib.contextmanager
 def _objective_pass(modules: list[GatedModule], *, paired: bool = False, replay: Draws | None = None,
-                    penalties: dict[GatedModule, Tensor] | None = None) -> Iterator[Draws]:  # fmt: skip
-    """Within the block the layers record their draws (yielded), or replay ``replay``'s
-    antithetically; with ``penalties`` (a dict) the layers that can enter their penalty there."""
+                    penalties: dict[GatedModule, Tensor] | None = None, record: Draws | None = None) -> Iterator[Draws]:  # fmt: skip
+    """Within the block the layers record their draws (yielded; into ``record`` when given), or
+    replay ``replay``'s antithetically; with ``penalties`` (a dict) the layers that can enter their
+    penalty there."""
+    # plain attributes, written into the instance dict: nn.Module.__setattr__ looks each value up
+    # among parameters, buffers and submodules first (~2 us a write, 24 writes per step of row C4)
     saved = [(m.paired, m.draws, m.replay, m.penalties) for m in modules]
-    draws: Draws = {}
+    draws: Draws = {} if record is None else record
     try:
         for m in modules:
-            m.paired = paired
-            m.draws = None if replay is not None else draws.setdefault(m, [])
-            m.replay = None if replay is None else list(replay.get(m, []))
-            m.penalties = penalties
+            vars(m).update(paired=paired, draws=None if replay is not None else draws.setdefault(m, []),
+                           replay=None if replay is None else list(replay.get(m, [])), penalties=penalties)  # fmt: skip
         yield draws
     finally:
         for m, (p, d, r, q) in zip(modules, saved):
-            m.paired, m.draws, m.replay, m.penalties = p, d, r, q
+            vars(m).update(paired=p, draws=d, replay=r, penalties=q)
 
 
 def _scalar(loss: Tensor) -> Tensor:
@@ -60,19 +61,23 @@ def _scalar(loss: Tensor) -> Tensor:
 
 
 class _ArmSurrogate(torch.autograd.Function):
-    """0-dim zero (like's dtype) whose gradient in phis[i] is cs[i]: apply(like, n, *phis, *cs).
-    Bookkeeping only: the terms are computed before (without autograd), so all layers share one
-    node instead of ~6 elementwise nodes each (0.08 ms of a ~3.3 ms C4 step, 2026-11-25)."""
+    """0-dim zero whose gradient in phis[i] is ks[i]·diff·es[i] (in phi's dtype):
+    apply(diff, ks, *phis, *es). Bookkeeping only, one node for all layers, and the products are
+    formed in the backward: in the forward they were ~6 ATen calls per layer (row C4, 2026-11-25)."""
 
     @staticmethod
-    def forward(ctx, like: Tensor, n: int, *tensors: Tensor) -> Tensor:
-        ctx.save_for_backward(*tensors[n:])
-        return like.new_zeros(())
+    def forward(ctx, diff: Tensor, ks: tuple[float, ...], *tensors: Tensor) -> Tensor:
+        n = len(ks)
+        ctx.ks, ctx.dtypes = ks, [phi.dtype for phi in tensors[:n]]
+        ctx.save_for_backward(diff, *tensors[n:])
+        return diff.new_zeros(())
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        cs = ctx.saved_tensors
-        return (None, None, *(grad * c for c in cs), *(None,) * len(cs))  # (like, n, *phis, *cs)
+        diff, *es = ctx.saved_tensors
+        gd = grad * diff
+        dphis = [(e * (gd * k)).to(dtype) for e, k, dtype in zip(es, ctx.ks, ctx.dtypes)]
+        return (None, None, *dphis, *(None,) * len(es))
 
 
 def _surrogate(layers: list[GatedModule], draws: Draws, diff: Tensor) -> Tensor:
@@ -82,26 +87,31 @@ def _surrogate(layers: list[GatedModule], draws: Draws, diff: Tensor) -> Tensor:
     pi, so phi's estimate is the sum over rows of the per-variable ARM terms (still unbiased).
     A layer called several times in one forward contributes one term per call.
     """
-    phis, cs = [], []
+    phis, ks, es = [], [], []
     with torch.no_grad():
         for m in layers:
-            terms, kd = [], m.gate.k * diff
-            for offset, rows in draws.get(m, []):
-                e = m.noise_of(offset, rows).sub_(0.5)
-                if m.noise == "example":
-                    e = e.sum(0).view(m.phi.shape)
-                terms.append(e.mul_(kd).to(m.phi.dtype))  # k·diff·(u − 1/2), in place
+            terms = []
+            for offset, rows, u in draws.get(m, []):
+                # the op's own noise where it returned it (not in place: u is saved for its backward)
+                e = u.view(m.phi.shape) - 0.5 if u is not None else m.noise_of(offset, rows).sub_(0.5)
+                terms.append(e.sum(0).view(m.phi.shape) if m.noise == "example" else e)
             if terms:
                 phis.append(m.phi)
-                cs.append(terms[0] if len(terms) == 1 else torch.stack(terms).sum(0))
-    return _ArmSurrogate.apply(diff, len(phis), *phis, *cs) if phis else diff.new_zeros(())
+                ks.append(m.gate.k)
+                es.append(terms[0] if len(terms) == 1 else torch.stack(terms).sum(0))
+    return _ArmSurrogate.apply(diff, tuple(ks), *phis, *es) if phis else diff.new_zeros(())
+
+
+def _halves(out, rows: int):
+    """The two halves of a paired pass's output: a nest of tensors with 2·rows rows each."""
+    return tree_map(lambda t: t[:rows], out), tree_map(lambda t: t[rows:], out)
 
 
 def _batchnorms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
 
 
-def _two_passes(model, modules, layers, loss_fn, inputs, target, average: bool) -> Tensor:
+def _two_passes(model, modules, layers, loss_fn, inputs, target, average: bool, record: Draws) -> Tensor:
     """Pass 1 draws z as a plain forward does; pass 2 replays each draw's u with z' = 1[u > 1 − pi].
 
     Pass 2 is a plain forward of the batch alone (its BatchNorm statistics are z'-only, so f(z')
@@ -114,7 +124,7 @@ def _two_passes(model, modules, layers, loss_fn, inputs, target, average: bool) 
     backward, and pass 1 already went through it.
     """
     penalties: dict[GatedModule, Tensor] = {}
-    with _objective_pass(modules, penalties=penalties) as draws:
+    with _objective_pass(modules, penalties=penalties, record=record) as draws:
         f = _scalar(loss_fn(model(inputs), target))
     inner = model.module if isinstance(model, DistributedDataParallel) else model
     # pass 2 updates copies of the BatchNorm buffers; the originals are never written in place
@@ -150,41 +160,44 @@ def objective(model: nn.Module, loss_fn, inputs: Tensor, target, *, average: boo
         raise TypeError(f"loss_fn: expected a callable loss_fn(output, target), got {type(loss_fn).__name__}")
     if not isinstance(inputs, Tensor):
         raise TypeError(f"inputs: expected the batch as a tensor [B, ...], got {type(inputs).__name__}")
-    with _counters_kept_on_error(modules):
-        return _objective(model, modules, loss_fn, inputs, target, average)
+    record: Draws = {}
+    with _counters_kept_on_error(record):
+        return _objective(model, modules, loss_fn, inputs, target, average, record)
 
 
 @contextlib.contextmanager
-def _counters_kept_on_error(modules: list[GatedModule]) -> Iterator[None]:
+def _counters_kept_on_error(record: Draws) -> Iterator[None]:
     """An objective that raises (a bad loss_fn, a layer deeper in the model rejecting its input)
-    leaves the layers' noise counters where they were: the failed step drew no gates."""
-    offsets = [m.offset.clone() for m in modules]
+    leaves the layers' noise counters where they were: the failed step drew no gates. Each layer's
+    first draw in ``record`` holds its counter from before the step (no copies up front)."""
     try:
         yield
     except BaseException:
         with torch.no_grad():
-            for m, offset in zip(modules, offsets):
-                m.offset.copy_(offset)
+            for m, draws in record.items():
+                if draws:
+                    m.offset.copy_(draws[0][0])
         raise
 
 
-def _objective(model, modules, loss_fn, inputs, target, average) -> Tensor:
+def _objective(model, modules, loss_fn, inputs, target, average, record: Draws) -> Tensor:
     layers = _arm_layers(modules)
     penalties: dict[GatedModule, Tensor] = {}  # the layers' penalties from their forward's op
     if not layers:
-        with _objective_pass(modules, penalties=penalties):
+        with _objective_pass(modules, penalties=penalties, record=record):
             f = _scalar(loss_fn(model(inputs), target))
         return f + penalty_with(modules, penalties)
     if average or _batchnorms(model):
-        return _two_passes(model, modules, layers, loss_fn, inputs, target, average)
+        return _two_passes(model, modules, layers, loss_fn, inputs, target, average, record)
     rows = inputs.shape[0]
-    with _objective_pass(modules, paired=True, penalties=penalties) as draws:
+    with _objective_pass(modules, paired=True, penalties=penalties, record=record) as draws:
         try:
             out = model(torch.cat([inputs, inputs]))
         except (ValueError, TypeError, RuntimeError) as exc:  # a shape in the message has 2·B rows
             exc.add_note(f"(raised in npn.objective's paired pass: the model saw [inputs; inputs], {2 * rows} rows "
                          f"for a batch of {rows})")  # fmt: skip
             raise
-    f = _scalar(loss_fn(tree_map(lambda t: t[:rows], out), target))
-    f2 = _scalar(loss_fn(tree_map(lambda t: t[rows:], out), target)).detach()
+    first, second = (out[:rows], out[rows:]) if isinstance(out, Tensor) else _halves(out, rows)
+    f = _scalar(loss_fn(first, target))
+    f2 = _scalar(loss_fn(second, target)).detach()
     return f + penalty_with(modules, penalties) + _surrogate(layers, draws, f2 - f.detach())

@@ -174,6 +174,23 @@ def test_same_gates_as_sample_gates(backend):
     torch.testing.assert_close(y, torch.nn.functional.linear(x, weight * z, bias))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("granularity", reference.GRANULARITIES)
+@pytest.mark.parametrize("halves", ["same", "different"])
+def test_paired_op_returns_its_noise(backend, granularity, halves):
+    """A paired call with batch noise returns the noise u [P] of its gates as aux (ARM's
+    surrogate reads it instead of drawing it again): the stream's bits at (seed, offset)."""
+    x, weight, bias, phi = _inputs(6, 9, 5, granularity, torch.float32)
+    x = torch.cat([x[:3], x[:3]]) if halves == "same" else x
+    seed, offset = _rng()
+    seed_t, offset_t = rng_tensors(seed, offset, "cpu")
+    with npn.backends.use(backend):
+        y, aux, _ = gated_linear_function.gated_linear_op(x, weight, bias, phi, seed_t, offset_t, 0, [3.0], granularity,
+                                                          True, False, True, False, [])  # fmt: skip
+    assert aux.dtype == torch.float32 and aux.shape == (phi.numel(),)
+    assert torch.equal(aux, uniforms_reference.uniforms(phi.numel(), seed_t, offset_t))
+
+
 def test_opcheck():
     x, weight, bias, phi = _inputs(4, 7, 5, "out", torch.float32)
     seed, offset = rng_tensors(3, 9, "cpu")
@@ -182,6 +199,11 @@ def test_opcheck():
             args = (x.requires_grad_(), weight.requires_grad_(), bias, phi.requires_grad_(), seed, offset, family, params,
                     "out", True, False, False, False, penalty)  # fmt: skip
             torch.library.opcheck(torch.ops.npn.gated_linear.default, args)
+    # paired (ARM): aux is the noise u [P] in float32
+    x2 = torch.cat([x, x.flip(0)]).detach().requires_grad_()
+    for penalty in ([], [7.0, 0.3, 0.2]):
+        args = (x2, weight, bias, phi, seed, offset, 0, [2.0], "out", True, False, True, False, penalty)
+        torch.library.opcheck(torch.ops.npn.gated_linear.default, args)
 
 
 @pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")

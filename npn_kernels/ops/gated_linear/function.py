@@ -29,6 +29,7 @@ from npn_kernels.ops.gated_linear import reference
 from npn_kernels.ops.gates.apply import LayerGates, check_tensor, halves, register_layer_autograd
 from npn_kernels.ops.gates.function import check_finite, check_flag, l0_penalty_backward_op, l0_penalty_op
 from npn_kernels.ops.rng import rng_tensors
+from npn_kernels.ops.uniforms.function import uniforms_op
 
 # Structured binary gates skip closed units by gathering the open ones into a smaller GEMM when
 # fewer than this fraction is open. The gather copies the open columns of x and W (M·k + N·k
@@ -236,30 +237,40 @@ def _kernel_backward(grad_y, x, weight, bias, phi, seed, offset, aux, family, pa
 # ---- the custom ops ---------------------------------------------------------------------------
 
 
-def _aux_shape(x: Tensor, weight: Tensor, family: int, granularity: str, keep_sample: bool) -> tuple[int, ...]:
-    """What the backward needs besides the inputs: y before the gates for hard-concrete "out"
-    gates (d phi needs it), the sample s [N, K] with keep_sample, else nothing."""
+def _aux_shape(x: Tensor, weight: Tensor, phi: Tensor, family: int, granularity: str, keep_sample: bool,
+               paired_batch: bool) -> tuple[int, ...]:  # fmt: skip
+    """The op's second output: y before the gates for hard-concrete "out" gates (d phi needs
+    it), the sample s [N, K] with keep_sample, the noise u [P] of a paired call with batch noise
+    (ARM's surrogate reads it: npn.objective need not draw it again), else nothing."""
     if keep_sample:
         return tuple(weight.shape)
+    if paired_batch:
+        return (phi.numel(),)
     return (x.shape[0], weight.shape[0]) if granularity == "out" and family != BINARY else (0,)
 
 
-def _aux_dtype(x: Tensor, phi: Tensor, keep_sample: bool) -> torch.dtype:
-    """s is kept in phi's math type (float64 for float64 phi, else float32) so the backward's z is the forward's."""
+def _aux_dtype(x: Tensor, phi: Tensor, keep_sample: bool, paired_batch: bool) -> torch.dtype:
+    """s is kept in phi's math type (float64 for float64 phi, else float32) so the backward's z
+    is the forward's; u is the stream's float32."""
+    if paired_batch:
+        return torch.float32
     return compute_dtype(phi.dtype) if keep_sample else x.dtype
 
 
-def keeps_sample(device: torch.device, family: int, granularity: str, training: bool) -> bool:
+def keeps_sample(device: torch.device, family: int, granularity: str, training: bool, backend: str | None = None) -> bool:
     """Whether a call keeps the hard-concrete weight-gate sample for its backward (CPU kernels,
     csrc/cpu/hc_gate_mul.cpp): the backward then reads s back, 0.3 ms per 1M gates on 2 cores
-    where regenerating it took 2.7 ms; s costs 4 bytes per weight until the backward."""
-    return granularity == "weight" and family != BINARY and training and backends.select(device) == "cpu"
+    where regenerating it took 2.7 ms; s costs 4 bytes per weight until the backward.
+    ``backend``: backends.select(device) when the caller has it."""
+    backend = backend or backends.select(device)
+    return granularity == "weight" and family != BINARY and training and backend == "cpu"
 
 
-def _in_cpp(device: torch.device, granularity: str, example: bool, keep_sample: bool) -> bool:
+def _in_cpp(device: torch.device, granularity: str, example: bool, keep_sample: bool, backend: str | None = None) -> bool:
     """Whether the C++ layer of the cpu backend (csrc/cpu/gated_linear.cpp) runs the call:
     structured gates with batch noise, or hard-concrete weight gates that keep their sample."""
-    return backends.select(device) == "cpu" and (keep_sample or (granularity != "weight" and not example))
+    backend = backend or backends.select(device)
+    return backend == "cpu" and (keep_sample or (granularity != "weight" and not example))
 
 
 def _cpp_layer(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired, keep_sample, penalty):
@@ -330,14 +341,19 @@ def gated_linear_op(
     if keep_sample:
         raise ValueError("keep_sample: only the cpu backend's C++ layer keeps the hard-concrete sample")
     y, aux = _kernel_forward(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired)
-    aux = y.new_empty(_aux_shape(x, weight, family, granularity, keep_sample)) if aux is None else aux
+    if paired and not example:
+        aux = uniforms_op.impl(phi.numel(), seed, offset)
+    elif aux is None:
+        aux = y.new_empty(_aux_shape(x, weight, phi, family, granularity, keep_sample, False))
     p = _penalty(weight, bias, phi, family, params, granularity, penalty) if penalty else phi.new_empty(0)
     return y, aux, p
 
 
 @gated_linear_op.register_fake
 def _(x, weight, bias, phi, seed, offset, family, params, granularity, training, example, paired, keep_sample, penalty):
-    aux = x.new_empty(_aux_shape(x, weight, family, granularity, keep_sample), dtype=_aux_dtype(x, phi, keep_sample))
+    paired_batch = paired and not example
+    aux = x.new_empty(_aux_shape(x, weight, phi, family, granularity, keep_sample, paired_batch),
+                      dtype=_aux_dtype(x, phi, keep_sample, paired_batch))  # fmt: skip
     p = phi.new_empty((), dtype=compute_dtype(phi.dtype)) if penalty else phi.new_empty(0)
     return x.new_empty(x.shape[0], weight.shape[0]), aux, p
 
@@ -455,20 +471,30 @@ def gated_linear(
 
 
 def layer_forward(x, weight, bias, phi, gate, granularity, seed, offset, training, noise, paired, penalty=None):
-    """(y [..., N], p): gated_linear on arguments already checked (a gated module's own, checked
-    when it was built; x's dtype and device by the module), and with ``penalty`` = (group_size,
-    l0, weight_decay) the layer's penalty p computed in the same op (0-dim; else None): its
-    gradient is added into the layer's own dW and d phi. seed and offset: int64 tensors on x's
-    device. Checked here: x's last dim, and phi's values where the C++ layer does not check them.
+    """(y [..., N], p, u): gated_linear on arguments already checked (a gated module's own,
+    checked when it was built; x's dtype and device by the module); with ``penalty`` =
+    (group_size, l0, weight_decay) the layer's penalty p computed in the same op (0-dim; else
+    None): its gradient is added into the layer's own dW and d phi; u: the noise [P] (float32)
+    a paired call with batch noise drew its gates from, else None. seed and offset: int64
+    tensors on x's device. Checked here: x's last dim, and phi's values where the C++ layer does
+    not check them.
     """
     k = weight.shape[1]
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"x: expected shape [..., {k}] (in_features of weight), got {tuple(x.shape)}")
     example = noise == "example"
-    keep = keeps_sample(x.device, gate.family, granularity, training)
-    if not _in_cpp(x.device, granularity, example, keep):
+    backend = backends.select(x.device)
+    keep = keeps_sample(x.device, gate.family, granularity, training, backend)
+    in_cpp = _in_cpp(x.device, granularity, example, keep, backend)
+    if not in_cpp:
         check_finite("phi", phi)  # the C++ layer checks phi itself
     coef = [] if penalty is None else [float(c) for c in penalty]
-    y, _, p = gated_linear_op(x.reshape(-1, k), weight, bias, phi, seed, offset, gate.family, list(gate.params),
-                              granularity, training, example, paired, keep, coef)  # fmt: skip
-    return y.view(*x.shape[:-1], weight.shape[0]), (p if penalty is not None else None)
+    rows = x if x.dim() == 2 else x.reshape(-1, k)
+    args = (rows, weight, bias, phi, seed, offset, gate.family, list(gate.params), granularity, training, example,
+            paired, keep, coef)  # fmt: skip
+    # a module's every call: straight to the C++ layer where gated_linear_op would send it
+    # (~8 us of its dispatch per call: a 3-layer MLP step calls it 3 times)
+    y, aux, p = _cpp_layer(*args[:10], *args[11:]) if in_cpp and not eager.traced(args[:6]) else gated_linear_op(*args)
+    # a view of an output that needs a gradient records a view node (~5 us): only for [..., K] x
+    y = y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
+    return y, (p if penalty is not None else None), (aux if paired and not example else None)

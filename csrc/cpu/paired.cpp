@@ -1,0 +1,93 @@
+// Paired (ARM) batches in the C++ layer (gated_linear.cpp; DESIGN 4.3): the gates [z; z'] of a
+// paired call together with the noise u they come from, and the helpers that treat a doubled
+// batch [x; x'] by halves.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <tuple>
+
+#include "blocks.h"
+#include "dispatch.h"
+#include "npn_cpu.h"
+
+namespace npn::cpu {
+
+// phi [P] contiguous (Binary gates in training) -> (u [P] float32, z [2, P] of dtype): the
+// stream's noise u, z[0] = 1[u < pi] and z[1] = ARM's z' = 1[u > 1 − pi]. Both rows come from
+// block_gates, the function sample_gates and gate_mul call, so they are the bits those kernels
+// give. One call where the two gate vectors took six ATen calls, and u is what ARM's surrogate
+// needs: npn.objective drew it a second time per layer before (~15 us each, row C4, 2026-11-25).
+std::tuple<at::Tensor, at::Tensor> paired_gates(const at::Tensor& phi, const at::Tensor& seed,
+                                                const at::Tensor& offset,
+                                                c10::ArrayRef<double> params,
+                                                at::ScalarType dtype) {
+  TORCH_CHECK(phi.dim() == 1 && phi.is_contiguous() && is_float_dtype(phi.scalar_type()),
+              "phi: expected a contiguous floating-point vector [P], got ", phi.scalar_type(), " ",
+              phi.sizes());
+  const GateSpec spec = parse_gate_spec(kBinary, params);
+  const uint64_t s = read_u64_scalar(seed, "seed");
+  const uint64_t o = read_u64_scalar(offset, "offset");
+  const int64_t p = phi.numel();
+  at::Tensor u = at::empty({p}, phi.options().dtype(at::kFloat));
+  at::Tensor z = at::empty({2, p}, phi.options().dtype(dtype));
+  dispatch_pair(z, phi, [&](auto a_tag, auto phi_tag) {
+    using A = decltype(a_tag);
+    using Phi = decltype(phi_tag);
+    using T = at::opmath_type<Phi>;
+    const GateSource<T> src{s, o, make_gate<T>(spec)};
+    const Phi* x = phi.const_data_ptr<Phi>();
+    float* up = u.mutable_data_ptr<float>();
+    A* zp = z.mutable_data_ptr<A>();
+    const int64_t blocks = (p + kBlock - 1) / kBlock;
+    at::parallel_for(0, blocks, kGrainNoise, [&](int64_t b0, int64_t b1) {
+      T zb[kBlock];
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t i0 = blk * kBlock;
+        const int64_t len = std::min(kBlock, p - i0);
+        block_uniforms(s, o, i0, len, up + i0);
+        block_gates<T, Phi, kBinary, true, false>(src, i0, len, x + i0, zb, nullptr);
+        for (int64_t k = 0; k < len; ++k) zp[i0 + k] = static_cast<A>(zb[k]);
+        block_gates<T, Phi, kBinary, true, true>(src, i0, len, x + i0, zb, nullptr);
+        for (int64_t k = 0; k < len; ++k) zp[p + i0 + k] = static_cast<A>(zb[k]);
+      }
+    });
+  });
+  return {u, z};
+}
+
+// out [2m, K] = x [2m, K] with its first m rows scaled by z[0] and the rest by z[1] (z [2, K]
+// contiguous, x's dtype); out may be x. One pass: ATen's broadcast multiply of [2, m, K] by
+// [2, 1, K] took 62 us for the 256x100 input of row C4's last layer (2026-11-25), ~20x this loop.
+void scale_halves(const at::Tensor& x, const at::Tensor& z, int64_t m, const at::Tensor& out) {
+  const int64_t rows = x.size(0), k = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scale_halves", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    // ~64K elements per task: below that a second thread costs more than it saves
+    at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{64} << 10) / std::max<int64_t>(1, k)),
+                     [&](int64_t r0, int64_t r1) {
+                       for (int64_t r = r0; r < r1; ++r) {
+                         const scalar_t* zr = zp + (r < m ? 0 : k);
+                         const scalar_t* xr = xp + r * k;
+                         scalar_t* orow = op + r * k;
+                         for (int64_t j = 0; j < k; ++j) orow[j] = xr[j] * zr[j];
+                       }
+                     });
+  });
+}
+
+// Whether both halves of a paired batch x [2m, K] hold the same bits: the first gated layer of
+// an ARM pass sees [x; x] itself. Bits, not values: equal bits give the same products, and
+// memcmp reads the 400 KB of a 128x784 float32 half in ~15 us where at::equal took ~45 us.
+bool same_halves(const at::Tensor& x, int64_t m) {
+  if (!x.is_contiguous()) return at::equal(x.narrow(0, 0, m), x.narrow(0, m, m));
+  const size_t half = static_cast<size_t>(m * x.size(1)) * x.element_size();
+  const char* p = static_cast<const char*>(x.const_data_ptr());
+  return std::memcmp(p, p + half, half) == 0;
+}
+
+}  // namespace npn::cpu
