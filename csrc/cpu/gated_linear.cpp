@@ -32,6 +32,11 @@ using at::Tensor;
 
 bool is_weight(c10::string_view granularity) { return granularity == "weight"; }
 
+// phi as a contiguous [P] (no call for the vector of "in"/"out" gates).
+Tensor flat(const Tensor& phi) {
+  return phi.dim() == 1 && phi.is_contiguous() ? phi : phi.reshape(-1).contiguous();
+}
+
 // The gates of one call: phi flattened to [P] (contiguous) and its place in the noise stream.
 struct Gates {
   Tensor phi;  // [P]
@@ -141,10 +146,8 @@ Tensor paired_same_input(const Tensor& x1, const Tensor& w, const std::optional<
   Tensor y = at::empty({2 * m, w.size(0)}, x1.options());
   Tensor y1 = y.narrow(0, 0, m), y2 = y.narrow(0, m, m);
   in_forward(x1, w, b, z[0], compact_below, &y1);
-  const Tensor d = z[1] - z[0];
-  const Tensor changed = d.nonzero().view(-1);
-  at::addmm_out(y2, y1, x1.index_select(1, changed) * d.index_select(0, changed),
-                w.index_select(1, changed).t());
+  const auto [xd, wd] = changed_units(x1, w, z);
+  at::addmm_out(y2, y1, xd, wd.t());
   return y;
 }
 
@@ -237,10 +240,10 @@ struct LayerPenalty {
     return {dphi, dw};
   }
 
-  // d bias of weight_decay/2·||b||² (undefined without one).
-  Tensor bias_backward(const Tensor& grad) const {
-    if (!bias.has_value() || weight_decay == 0) return Tensor();
-    return (bias->to(grad.scalar_type()) * (grad * weight_decay)).to(bias->scalar_type());
+  // db += d bias of weight_decay/2·||b||² = grad·weight_decay·b: one call, as the penalty's
+  // gradient is a CPU scalar (this layer's).
+  void add_bias_backward(Tensor& db, const Tensor& grad) const {
+    if (bias.has_value() && weight_decay != 0) db.add_(*bias, grad.item<double>() * weight_decay);
   }
 };
 
@@ -249,7 +252,7 @@ std::tuple<Tensor, Tensor> layer_forward(const Tensor& x, const Tensor& weight,
                                          const std::optional<Tensor>& bias, const Gates& g,
                                          c10::string_view granularity, bool paired,
                                          bool keep_sample, double compact_below) {
-  const Tensor none = at::empty({0}, x.options());
+  auto none = [&] { return at::empty({0}, x.options()); };
   if (!keep_sample) check_finite_phi(g.phi);  // hc_gate_mul checks in its sampling pass
   if (keep_sample) {
     const Tensor w = weight.contiguous();
@@ -262,7 +265,7 @@ std::tuple<Tensor, Tensor> layer_forward(const Tensor& x, const Tensor& weight,
   }
   if (!paired) {
     auto [y, y_pre] = structured_half(g, x, weight, bias, granularity, false, compact_below);
-    return {y, g.family == kHardConcrete && granularity == "out" ? y_pre : none};
+    return {y, g.family == kHardConcrete && granularity == "out" ? y_pre : none()};
   }
   // a paired call's aux: the noise u [P] of its gates z = [z; z'] [2, P] (ARM's surrogate reads it)
   const int64_t m = x.size(0) / 2;
@@ -301,7 +304,7 @@ std::tuple<Tensor, Tensor, Tensor> gated_linear(
     c10::string_view granularity, bool training, bool paired, bool keep_sample,
     double compact_below, c10::ArrayRef<double> penalty_coef) {
   check_layer(x, weight, bias, phi, granularity, family, training, paired, keep_sample);
-  const Gates g{phi.reshape(-1).contiguous(), seed, offset, family, params, training};
+  const Gates g{flat(phi), seed, offset, family, params, training};
   auto [y, aux] = layer_forward(x, weight, bias, g, granularity, paired, keep_sample, compact_below);
   const LayerPenalty pen(penalty_coef, g, weight, bias, granularity);
   return {y, aux, pen.active ? pen.value() : at::empty({0}, phi.options())};
@@ -320,7 +323,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward(
   check_layer(x, weight, bias, phi, granularity, family, training, paired, keep_sample);
   const auto [need_x, need_w, need_b, want_phi] = needs;
   const bool need_phi = want_phi && family != kBinary;  // Binary: no pathwise gradient
-  const Gates g{phi.reshape(-1).contiguous(), seed, offset, family, params, training};
+  const Gates g{flat(phi), seed, offset, family, params, training};
   const LayerPenalty pen(penalty_coef, g, weight, bias, granularity);
   const bool penalized = pen.active && grad_penalty.has_value() && grad_penalty->defined();
   Tensor pen_dphi, pen_dw;  // the penalty's d phi [P] and dW [N, K]: the task's are added in
@@ -362,8 +365,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward(
     const Tensor idx = open_units(z, compact_below);
     if (granularity == "in") {
       if (!idx.defined()) {
-        const Tensor dxz = (need_x || need_phi) ? dy.mm(weight) : Tensor();  // a first layer needs neither
-        if (need_x) dx = input_grad(dxz, z, false);
+        // dy W: into dx itself, then scaled in place, unless d phi needs it unscaled (hard-concrete)
+        const Tensor dxz = need_phi ? dy.mm(weight) : Tensor();  // a first layer needs neither
+        if (need_x) dx = need_phi ? input_grad(dxz, z, false) : input_grad(dy, weight, true).mul_(z);
         if (need_w) dw = weight_grad(dy.t(), scaled(x1, z));
         if (need_phi) dphi = g.vector_backward((dxz * x1).sum(0));
       } else {
@@ -392,7 +396,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward(
   }
   if (need_b && bias.has_value()) {
     db = dy_bias.sum(0);
-    if (penalized && pen.weight_decay != 0) db.add_(pen.bias_backward(*grad_penalty));
+    if (penalized) pen.add_bias_backward(db, *grad_penalty);
   }
   if (pen_dphi.defined()) dphi = dphi.defined() ? dphi.add_(pen_dphi) : pen_dphi;
   if (dx_all.defined()) dx = dx_all;

@@ -15,6 +15,9 @@ uint64_t read_u64_scalar(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kLong, name,
               ": expected one int64 element, got dtype ", t.scalar_type(), " and shape ",
               t.sizes());
+  // a CPU scalar is read in place: item() dispatches two ops (~1 us), and a layer call reads
+  // its seed and offset in several kernels
+  if (t.is_cpu()) return static_cast<uint64_t>(*t.const_data_ptr<int64_t>());
   return static_cast<uint64_t>(t.item<int64_t>());
 }
 

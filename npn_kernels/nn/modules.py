@@ -138,20 +138,21 @@ class GatedModule(nn.Module):
     # ---- forward -------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
+        weight, counter, training = self.weight, self.offset, self.training  # one module lookup each
         if isinstance(x, Tensor):  # named here: the op would blame the layer's weight for x's dtype or device
-            if x.dtype != self.weight.dtype:
-                raise TypeError(f"x: expected dtype {self.weight.dtype} (the layer's weight), got {x.dtype}")
-            if x.device != self.weight.device:
-                raise ValueError(f"x: expected device {self.weight.device} (the layer's weight), got {x.device}")
-        if self.replay is not None and self.training:  # evaluation draws nothing: nothing to replay
+            if x.dtype != weight.dtype:
+                raise TypeError(f"x: expected dtype {weight.dtype} (the layer's weight), got {x.dtype}")
+            if x.device != weight.device:
+                raise ValueError(f"x: expected device {weight.device} (the layer's weight), got {x.device}")
+        if self.replay is not None and training:  # evaluation draws nothing: nothing to replay
             offset, rows, _ = self.replay.pop(0)
             return self._replay(x, offset, rows)
         # the op keeps its offset tensor for the backward: hand it a copy, then advance the buffer.
         # Not .clone(): inductor drops a clone of a graph input that the graph then mutates
         # (pytorch#198131), and the compiled backward would regenerate the gates at the advanced
         # offset; "+ 0" is kept, as inductor does not fold arithmetic on a mutated input.
-        offset = self.offset + 0
-        paired = self.paired and self.training
+        offset = counter + 0
+        paired = self.paired and training
         penalize = self.penalties is not None and self not in self.penalties
         u = None  # the noise of a paired Binary call, where its op returns it
         if paired and isinstance(self.gate, Binary):
@@ -165,12 +166,12 @@ class GatedModule(nn.Module):
             y, p, _ = self._op(x, offset, penalize=penalize)
         if p is not None:
             self.penalties[self] = p
-        if self.training:
-            rows = self._rows(x) // 2 if self.paired else self._rows(x)
+        if training:
+            rows = self._rows(x) // 2 if paired else self._rows(x)
             if self.draws is not None:
                 self.draws.append((offset, rows, u))
             # a buffer needs no autograd: no no_grad() block (~3 us a call)
-            self.offset.add_(ops.counters_for(self.phi.numel() * (rows if self.noise == "example" else 1)))
+            counter.add_(ops.counters_for(self.phi.numel() * (rows if self.noise == "example" else 1)))
         return y
 
     def _replay(self, x: Tensor, offset: Tensor, rows: int) -> Tensor:

@@ -75,8 +75,9 @@ class _ArmSurrogate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         diff, *es = ctx.saved_tensors
-        gd = grad * diff
-        dphis = [(e * (gd * k)).to(dtype) for e, k, dtype in zip(es, ctx.ks, ctx.dtypes)]
+        dphis = torch._foreach_mul(es, list(ctx.ks))  # two calls for all layers, not two per layer
+        torch._foreach_mul_(dphis, grad * diff)
+        dphis = [d if d.dtype == dtype else d.to(dtype) for d, dtype in zip(dphis, ctx.dtypes)]
         return (None, None, *dphis, *(None,) * len(es))
 
 
@@ -104,7 +105,7 @@ def _surrogate(layers: list[GatedModule], draws: Draws, diff: Tensor) -> Tensor:
 
 def _halves(out, rows: int):
     """The two halves of a paired pass's output: a nest of tensors with 2·rows rows each."""
-    return tree_map(lambda t: t[:rows], out), tree_map(lambda t: t[rows:], out)
+    return tree_map(lambda t: t[:rows], out), tree_map(lambda t: t.detach()[rows:], out)
 
 
 def _batchnorms(model: nn.Module) -> list[nn.Module]:
@@ -197,7 +198,8 @@ def _objective(model, modules, loss_fn, inputs, target, average, record: Draws) 
             exc.add_note(f"(raised in npn.objective's paired pass: the model saw [inputs; inputs], {2 * rows} rows "
                          f"for a batch of {rows})")  # fmt: skip
             raise
-    first, second = (out[:rows], out[rows:]) if isinstance(out, Tensor) else _halves(out, rows)
+    first, second = (out[:rows], out.detach()[rows:]) if isinstance(out, Tensor) else _halves(out, rows)
     f = _scalar(loss_fn(first, target))
-    f2 = _scalar(loss_fn(second, target)).detach()
+    with torch.no_grad():  # f(z') is a value only: no graph to record
+        f2 = _scalar(loss_fn(second, target))
     return f + penalty_with(modules, penalties) + _surrogate(layers, draws, f2 - f.detach())
