@@ -479,22 +479,26 @@ def layer_forward(x, weight, bias, phi, gate, granularity, seed, offset, trainin
     tensors on x's device. Checked here: x's last dim, and phi's values where the C++ layer does
     not check them.
     """
-    k = weight.shape[1]
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"x: expected shape [..., {k}] (in_features of weight), got {tuple(x.shape)}")
-    example = noise == "example"
-    backend = backends.select(x.device)
-    keep = keeps_sample(x.device, gate.family, granularity, training, backend)
-    in_cpp = _in_cpp(x.device, granularity, example, keep, backend)
-    if not in_cpp:
-        check_finite("phi", phi)  # the C++ layer checks phi itself
-    coef = [] if penalty is None else [float(c) for c in penalty]
-    rows = x if x.dim() == 2 else x.reshape(-1, k)
-    args = (rows, weight, bias, phi, seed, offset, gate.family, list(gate.params), granularity, training, example,
-            paired, keep, coef)  # fmt: skip
-    # a module's every call: straight to the C++ layer where gated_linear_op would send it
-    # (~8 us of its dispatch per call: a 3-layer MLP step calls it 3 times)
-    y, aux, p = _cpp_layer(*args[:10], *args[11:]) if in_cpp and not eager.traced(args[:6]) else gated_linear_op(*args)
+    k, shape = weight.shape[1], x.shape
+    if len(shape) < 1 or shape[-1] != k:
+        raise ValueError(f"x: expected shape [..., {k}] (in_features of weight), got {tuple(shape)}")
+    example, family, params, device = noise == "example", gate.family, list(gate.params), x.device
+    backend = backends.select(device)
+    keep = keeps_sample(device, family, granularity, training, backend)
+    in_cpp = _in_cpp(device, granularity, example, keep, backend)
+    coef = [] if penalty is None else list(map(float, penalty))
+    rows = x if len(shape) == 2 else x.reshape(-1, k)
+    # every module call: straight to the C++ layer where gated_linear_op would send it. Each
+    # Python step here costs ~1-2 us on the CI machine; this function was ~20 us per call over
+    # the op itself (2026-11-25), for ~25 us of op at the sizes where that matters (row C4).
+    if in_cpp and not eager.traced((x, weight, bias, phi, seed, offset)):
+        y, aux, p = _ext.ops.gated_linear(rows, weight, bias, phi, seed, offset, family, params, granularity, training,
+                                          paired, keep, COMPACT_BELOW, coef)  # fmt: skip
+    else:
+        if not in_cpp:
+            check_finite("phi", phi)  # the C++ layer checks phi itself
+        y, aux, p = gated_linear_op(rows, weight, bias, phi, seed, offset, family, params, granularity, training, example,
+                                    paired, keep, coef)  # fmt: skip
     # a view of an output that needs a gradient records a view node (~5 us): only for [..., K] x
-    y = y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
+    y = y if len(shape) == 2 else y.view(*shape[:-1], weight.shape[0])
     return y, (p if penalty is not None else None), (aux if paired and not example else None)
