@@ -57,7 +57,7 @@ def _scalar(loss: Tensor) -> Tensor:
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         raise ValueError(f"loss_fn: expected a scalar tensor, got {type(loss).__name__} "
                          f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}")  # fmt: skip
-    return loss.reshape(())
+    return loss if loss.dim() == 0 else loss.reshape(())  # a reshape is a view node in the backward
 
 
 class _ArmSurrogate(torch.autograd.Function):
