@@ -36,7 +36,10 @@ def traced(args) -> bool:
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return True
     is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(isinstance(a, Tensor) and (type(a) not in _PLAIN or is_wrapped(a)) for a in args)
+    for a in args:  # a loop, not any() over a generator: every layer call asks (~1 us less)
+        if isinstance(a, Tensor) and (type(a) not in _PLAIN or is_wrapped(a)):
+            return True
+    return False
 
 
 class EagerOp:
