@@ -104,7 +104,10 @@ def _surrogate(layers: list[GatedModule], draws: Draws, diff: Tensor) -> Tensor:
 
 
 def _halves(out, rows: int):
-    """The two halves of a paired pass's output: a nest of tensors with 2·rows rows each."""
+    """The two halves of a paired pass's output: a tensor, or a nest of tensors, with 2·rows rows
+    each; the second half detached (f(z') is a value only)."""
+    if isinstance(out, Tensor):  # the common case, without tree_map's walk
+        return out[:rows], out.detach()[rows:]
     return tree_map(lambda t: t[:rows], out), tree_map(lambda t: t.detach()[rows:], out)
 
 
@@ -198,7 +201,7 @@ def _objective(model, modules, loss_fn, inputs, target, average, record: Draws) 
             exc.add_note(f"(raised in npn.objective's paired pass: the model saw [inputs; inputs], {2 * rows} rows "
                          f"for a batch of {rows})")  # fmt: skip
             raise
-    first, second = (out[:rows], out.detach()[rows:]) if isinstance(out, Tensor) else _halves(out, rows)
+    first, second = _halves(out, rows)
     f = _scalar(loss_fn(first, target))
     with torch.no_grad():  # f(z') is a value only: no graph to record
         f2 = _scalar(loss_fn(second, target))

@@ -492,8 +492,8 @@ def layer_forward(x, weight, bias, phi, gate, granularity, seed, offset, trainin
     # Python step here costs ~1-2 us on the CI machine; this function was ~20 us per call over
     # the op itself (2026-11-25), for ~25 us of op at the sizes where that matters (row C4).
     if in_cpp and not eager.traced((x, weight, bias, phi, seed, offset)):
-        y, aux, p = _ext.ops.gated_linear(rows, weight, bias, phi, seed, offset, family, params, granularity, training,
-                                          paired, keep, COMPACT_BELOW, coef)  # fmt: skip
+        y, aux, p = _cpp_layer(rows, weight, bias, phi, seed, offset, family, params, granularity, training, paired,
+                               keep, coef)  # fmt: skip
     else:
         if not in_cpp:
             check_finite("phi", phi)  # the C++ layer checks phi itself
