@@ -1,12 +1,13 @@
 // C++ autograd nodes of the CPU ops that eager calls reach without Python (EagerOp.register_native
 // in npn_kernels/ops/eager.py): the forward and backward are the ops' launchers, the node only
-// saves inputs and routes gradients. Why: npn.objective's step calls l0_penalty once per layer,
-// and its Python autograd.Function + custom-op bookkeeping cost ~0.3 ms per layer forward +
-// backward (torch 2.13, 2 cores, 2026-11-24) around ~20 us of kernel work.
-//
-// The gated linear layer's node sits beside its launchers (csrc/cpu/gated_linear.cpp).
+// saves inputs and routes gradients. Why: npn.objective's step calls l0_penalty and gated_linear
+// once per layer, and a Python autograd.Function + custom-op bookkeeping cost ~0.3 ms per layer
+// forward + backward (torch 2.13, 2 cores, 2026-11-24) around ~20 us of l0_penalty's kernel work.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
+
+#include <string>
+#include <vector>
 
 #include "npn_cpu.h"
 
@@ -54,6 +55,98 @@ struct L0PenaltyFunction : public torch::autograd::Function<L0PenaltyFunction> {
   }
 };
 
+
+// One autograd node per gated_linear call: the forward saves its inputs and aux, the backward
+// calls layer_backward (gated_linear_backward's body). aux is not differentiable and its gradient is never materialized; the
+// penalty output (with penalty_coef) is differentiable.
+struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                               const std::optional<Tensor>& bias, const Tensor& phi, const Tensor& seed,
+                               const Tensor& offset, int64_t family, std::vector<double> params,
+                               std::string granularity, bool training, bool paired,
+                               bool keep_sample, double compact_below,
+                               std::vector<double> penalty_coef) {
+    Tensor y, aux, penalty;
+    {
+      // the layer's ~25 ATen calls go straight to their CPU kernels: this node is their autograd
+      // (skipping the autograd and ADInplaceOrView kernels: ~0.5 us a call)
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(y, aux, penalty) = gated_linear(x, weight, bias, phi, seed, offset, family, params,
+                                               granularity, training, paired, keep_sample,
+                                               compact_below, penalty_coef);
+    }
+    // A kept sample waits in saved_data, so that the backward can take it and, where nobody
+    // else holds it, write d phi over it (layer_backward). The caller gets an alias: whether it
+    // still holds one shows in the storage's use count (a Python wrapper can keep the tensor
+    // itself alive after its last Python reference is gone).
+    ctx->save_for_backward({x, weight, bias.value_or(Tensor()), phi, seed, offset,
+                            keep_sample ? Tensor() : aux});
+    if (keep_sample) {
+      ctx->saved_data["sample"] = aux;
+      aux = aux.alias();
+    }
+    ctx->saved_data["family"] = family;
+    ctx->saved_data["params"] = params;
+    ctx->saved_data["granularity"] = granularity;
+    ctx->saved_data["flags"] = std::vector<bool>{training, paired, keep_sample};
+    ctx->saved_data["compact_below"] = compact_below;
+    ctx->saved_data["penalty_coef"] = penalty_coef;
+    ctx->mark_non_differentiable({aux});
+    ctx->set_materialize_grads(false);
+    return {y, aux, penalty};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(14);
+    const variable_list saved = ctx->get_saved_variables();
+    const bool has_bias = saved[2].defined();
+    // needs_input_grad counts the tensor inputs that were passed: without a bias, phi is the third
+    const std::array<bool, 4> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                    has_bias && ctx->needs_input_grad(2),
+                                    ctx->needs_input_grad(has_bias ? 3 : 2)};
+    const bool penalized = grads.size() > 2 && grads[2].defined();
+    if (!(grads[0].defined() || penalized) || !(needs[0] || needs[1] || needs[2] || needs[3])) {
+      return out;
+    }
+    // a penalty used without y (rare): the task's part is zero
+    const Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros({saved[0].size(0), saved[1].size(0)}, saved[0].options());
+    const std::optional<Tensor> b = has_bias ? std::optional<Tensor>(saved[2]) : std::nullopt;
+    const std::vector<double> params = ctx->saved_data["params"].toDoubleVector();
+    const std::string granularity = ctx->saved_data["granularity"].toStringRef();
+    const c10::List<bool> flags = ctx->saved_data["flags"].toBoolList();
+    const std::vector<double> penalty_coef = ctx->saved_data["penalty_coef"].toDoubleVector();
+    const int64_t family = ctx->saved_data["family"].toInt();
+    // as in forward, unless the backward itself is recorded (create_graph)
+    const bool recorded = at::GradMode::is_enabled();
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!recorded) below_autograd.emplace();
+    Tensor aux = saved[6];
+    bool sample_owned = false;
+    if (flags[2]) {
+      // the first backward takes the kept sample; another one (retain_graph) draws it again
+      // from (seed, offset): the same bits
+      const auto it = ctx->saved_data.find("sample");
+      if (it != ctx->saved_data.end()) {
+        aux = it->second.toTensor();
+        ctx->saved_data.erase(it);
+      } else {
+        aux = redraw_kept_sample(saved[1], saved[3], saved[4], saved[5], params);
+      }
+      sample_owned = !recorded && aux.use_count() == 1 && aux.storage().use_count() == 1 &&
+                     aux.scalar_type() == saved[3].scalar_type();
+    }
+    auto [dx, dw, db, dphi] = layer_backward(
+        grad_y, penalized ? std::optional<Tensor>(grads[2]) : std::nullopt, saved[0], saved[1], b,
+        saved[3], saved[4], saved[5], aux, family, params, granularity, flags[0], flags[1],
+        flags[2], ctx->saved_data["compact_below"].toDouble(), penalty_coef, needs, sample_owned);
+    const Tensor grads_in[4] = {dx, dw, db, dphi};
+    for (int i = 0; i < 4; ++i) {
+      if (needs[i]) out[i] = grads_in[i];
+    }
+    return out;
+  }
+};
+
 }  // namespace
 
 // The Autograd kernel of npn_ext::l0_penalty (registered in csrc/register.cpp).
@@ -62,6 +155,19 @@ Tensor l0_penalty_autograd(const Tensor& phi, const std::optional<Tensor>& weigh
                            double l0, double weight_decay, bool sumsq) {
   return L0PenaltyFunction::apply(phi, weight, family, params.vec(), group_size, l0,
                                   weight_decay, sumsq);
+}
+
+
+// The Autograd kernel of npn_ext::gated_linear (registered in csrc/register.cpp).
+std::tuple<Tensor, Tensor, Tensor> gated_linear_autograd(
+    const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& phi,
+    const Tensor& seed, const Tensor& offset, int64_t family, c10::ArrayRef<double> params,
+    c10::string_view granularity, bool training, bool paired, bool keep_sample,
+    double compact_below, c10::ArrayRef<double> penalty_coef) {
+  variable_list out = GatedLinearFunction::apply(
+      x, weight, bias, phi, seed, offset, family, params.vec(), std::string(granularity),
+      training, paired, keep_sample, compact_below, penalty_coef.vec());
+  return {out[0], out[1], out[2]};
 }
 
 }  // namespace npn::cpu

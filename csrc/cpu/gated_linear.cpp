@@ -1,7 +1,8 @@
 // The gated linear layer on the CPU (npn_kernels/ops/gated_linear/function.py routes here):
 // structured gates ("in"/"out") with batch noise, and HardConcrete weight gates that keep their
 // sample. Forward and backward are autograd-free launchers over the gate kernels and the BLAS
-// GEMM (at::linear / at::mm); the Autograd kernel below wires them into one C++ autograd node.
+// GEMM (at::linear / at::mm); its Autograd kernel (csrc/cpu/autograd.cpp) wires them into one
+// C++ autograd node.
 //
 // Why in C++: the same forward + backward composed in Python cost ~0.35 ms of interpreter and
 // autograd.Function bookkeeping per layer call (torch 2.13, 2 cores, 2026-11-24), as much as
@@ -15,7 +16,6 @@
 // give the same bits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/autograd.h>
 
 #include <array>
 #include <optional>
@@ -247,6 +247,15 @@ struct LayerPenalty {
   }
 };
 
+// HardConcrete weight gates of w [N, K] that keep their sample: (W ⊙ z in this thread's
+// workspace, s [N, K] in float32; float64 for float64 phi).
+std::tuple<Tensor, Tensor> sample_weight_gates(const Tensor& w, const Gates& g) {
+  Tensor wz = workspace_like(w);
+  Tensor s = at::empty(w.sizes(), w.options().dtype(g.phi.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  hc_gate_mul(w.view(-1), g.phi, g.seed, g.offset, g.params, wz.view(-1), s.view(-1));
+  return {wz, s};
+}
+
 // (y, aux) of the layer (gated_linear below, without its penalty).
 std::tuple<Tensor, Tensor> layer_forward(const Tensor& x, const Tensor& weight,
                                          const std::optional<Tensor>& bias, const Gates& g,
@@ -255,12 +264,7 @@ std::tuple<Tensor, Tensor> layer_forward(const Tensor& x, const Tensor& weight,
   auto none = [&] { return at::empty({0}, x.options()); };
   if (!keep_sample) check_finite_phi(g.phi);  // hc_gate_mul checks in its sampling pass
   if (keep_sample) {
-    const Tensor w = weight.contiguous();
-    Tensor wz = workspace_like(w);
-    Tensor s = at::empty(w.sizes(), w.options().dtype(g.phi.scalar_type() == at::kDouble
-                                                          ? at::kDouble
-                                                          : at::kFloat));
-    hc_gate_mul(w.view(-1), g.phi, g.seed, g.offset, g.params, wz.view(-1), s.view(-1));
+    const auto [wz, s] = sample_weight_gates(weight.contiguous(), g);
     return {at::linear(x, wz, bias), s};
   }
   if (!paired) {
@@ -310,16 +314,23 @@ std::tuple<Tensor, Tensor, Tensor> gated_linear(
   return {y, aux, pen.active ? pen.value() : at::empty({0}, phi.options())};
 }
 
-// (dx, dW, db, dphi) of the first half (the whole batch unless paired) for the calls
-// gated_linear takes; needs: which of (x, weight, bias, phi) want one (the others: empty [0]).
-// grad_penalty (with penalty_coef): the gradient of the layer's penalty output, whose dW
-// the task's dW GEMM accumulates onto (beta = 1: no separate sum over [N, K]).
-std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward(
+// A kept sample s [N, K] drawn again from (seed, offset): the same bits as the forward's.
+Tensor redraw_kept_sample(const Tensor& weight, const Tensor& phi, const Tensor& seed,
+                          const Tensor& offset, c10::ArrayRef<double> params) {
+  const Gates g{flat(phi), seed, offset, kHardConcrete, params, true};
+  return std::get<1>(sample_weight_gates(weight.contiguous(), g));
+}
+
+// gated_linear_backward; with sample_owned (keep_sample, aux held by nobody else, phi's dtype
+// is the sample's) d phi is written over the sample s, which the backward reads once per element
+// before it writes there: one fresh [N, K] buffer fewer per step.
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_backward(
     const Tensor& grad_y, const std::optional<Tensor>& grad_penalty, const Tensor& x,
     const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& phi, const Tensor& seed,
     const Tensor& offset, const Tensor& aux, int64_t family, c10::ArrayRef<double> params,
     c10::string_view granularity, bool training, bool paired, bool keep_sample,
-    double compact_below, c10::ArrayRef<double> penalty_coef, std::array<bool, 4> needs) {
+    double compact_below, c10::ArrayRef<double> penalty_coef, std::array<bool, 4> needs,
+    bool sample_owned) {
   check_layer(x, weight, bias, phi, granularity, family, training, paired, keep_sample);
   const auto [need_x, need_w, need_b, want_phi] = needs;
   const bool need_phi = want_phi && family != kBinary;  // Binary: no pathwise gradient
@@ -353,7 +364,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward(
     const Tensor w = weight.contiguous();
     const Tensor gw = (need_w || need_phi) ? dy.t().mm(x1) : w;
     if (need_w) dw = gw;
-    if (need_phi) dphi = at::empty_like(g.phi);
+    if (need_phi) dphi = sample_owned ? aux.view(-1) : at::empty_like(g.phi);
     const Tensor wz = need_x ? workspace_like(w) : Tensor();
     auto flat = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t.view(-1)) : std::nullopt; };
     hc_gate_mul_backward(gw.view(-1), w.view(-1), aux.view(-1), g.phi, params, flat(dw),
@@ -405,89 +416,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward(
   return {or_empty(dx, x), or_empty(dw, x), or_empty(db, x), or_empty(dphi, phi)};
 }
 
-namespace {
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-// One autograd node per layer call: the forward saves its inputs and aux, the backward calls
-// gated_linear_backward. aux is not differentiable and its gradient is never materialized; the
-// penalty output (with penalty_coef) is differentiable.
-struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
-                               const std::optional<Tensor>& bias, const Tensor& phi, const Tensor& seed,
-                               const Tensor& offset, int64_t family, std::vector<double> params,
-                               std::string granularity, bool training, bool paired,
-                               bool keep_sample, double compact_below,
-                               std::vector<double> penalty_coef) {
-    Tensor y, aux, penalty;
-    {
-      // the layer's ~25 ATen calls go straight to their CPU kernels: this node is their autograd
-      // (skipping the autograd and ADInplaceOrView kernels: ~0.5 us a call)
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(y, aux, penalty) = gated_linear(x, weight, bias, phi, seed, offset, family, params,
-                                               granularity, training, paired, keep_sample,
-                                               compact_below, penalty_coef);
-    }
-    ctx->save_for_backward({x, weight, bias.value_or(Tensor()), phi, seed, offset, aux});
-    ctx->saved_data["family"] = family;
-    ctx->saved_data["params"] = params;
-    ctx->saved_data["granularity"] = granularity;
-    ctx->saved_data["flags"] = std::vector<bool>{training, paired, keep_sample};
-    ctx->saved_data["compact_below"] = compact_below;
-    ctx->saved_data["penalty_coef"] = penalty_coef;
-    ctx->mark_non_differentiable({aux});
-    ctx->set_materialize_grads(false);
-    return {y, aux, penalty};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(14);
-    const variable_list saved = ctx->get_saved_variables();
-    const bool has_bias = saved[2].defined();
-    // needs_input_grad counts the tensor inputs that were passed: without a bias, phi is the third
-    const std::array<bool, 4> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                    has_bias && ctx->needs_input_grad(2),
-                                    ctx->needs_input_grad(has_bias ? 3 : 2)};
-    const bool penalized = grads.size() > 2 && grads[2].defined();
-    if (!(grads[0].defined() || penalized) || !(needs[0] || needs[1] || needs[2] || needs[3])) {
-      return out;
-    }
-    // a penalty used without y (rare): the task's part is zero
-    const Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros({saved[0].size(0), saved[1].size(0)}, saved[0].options());
-    const std::optional<Tensor> b = has_bias ? std::optional<Tensor>(saved[2]) : std::nullopt;
-    const std::vector<double> params = ctx->saved_data["params"].toDoubleVector();
-    const std::string granularity = ctx->saved_data["granularity"].toStringRef();
-    const c10::List<bool> flags = ctx->saved_data["flags"].toBoolList();
-    const std::vector<double> penalty_coef = ctx->saved_data["penalty_coef"].toDoubleVector();
-    // as in forward, unless the backward itself is recorded (create_graph)
-    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
-    if (!at::GradMode::is_enabled()) below_autograd.emplace();
-    auto [dx, dw, db, dphi] = gated_linear_backward(
-        grad_y, penalized ? std::optional<Tensor>(grads[2]) : std::nullopt, saved[0], saved[1], b,
-        saved[3], saved[4], saved[5], saved[6], ctx->saved_data["family"].toInt(), params,
-        granularity, flags[0], flags[1], flags[2], ctx->saved_data["compact_below"].toDouble(),
-        penalty_coef, needs);
-    const Tensor grads_in[4] = {dx, dw, db, dphi};
-    for (int i = 0; i < 4; ++i) {
-      if (needs[i]) out[i] = grads_in[i];
-    }
-    return out;
-  }
-};
-
-}  // namespace
-
-// The Autograd kernel of npn_ext::gated_linear (registered in csrc/register.cpp).
-std::tuple<Tensor, Tensor, Tensor> gated_linear_autograd(
-    const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& phi,
-    const Tensor& seed, const Tensor& offset, int64_t family, c10::ArrayRef<double> params,
+// (dx, dW, db, dphi) of the first half (the whole batch unless paired) for the calls
+// gated_linear takes; needs: which of (x, weight, bias, phi) want one (the others: empty [0]).
+// grad_penalty (with penalty_coef): the gradient of the layer's penalty output, whose dW
+// the task's dW GEMM accumulates onto (beta = 1: no separate sum over [N, K]).
+std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward(
+    const Tensor& grad_y, const std::optional<Tensor>& grad_penalty, const Tensor& x,
+    const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& phi, const Tensor& seed,
+    const Tensor& offset, const Tensor& aux, int64_t family, c10::ArrayRef<double> params,
     c10::string_view granularity, bool training, bool paired, bool keep_sample,
-    double compact_below, c10::ArrayRef<double> penalty_coef) {
-  variable_list out = GatedLinearFunction::apply(
-      x, weight, bias, phi, seed, offset, family, params.vec(), std::string(granularity),
-      training, paired, keep_sample, compact_below, penalty_coef.vec());
-  return {out[0], out[1], out[2]};
+    double compact_below, c10::ArrayRef<double> penalty_coef, std::array<bool, 4> needs) {
+  return layer_backward(grad_y, grad_penalty, x, weight, bias, phi, seed, offset, aux, family,
+                        params, granularity, training, paired, keep_sample, compact_below,
+                        penalty_coef, needs, false);
 }
 
 }  // namespace npn::cpu

@@ -323,3 +323,40 @@ def test_kept_sample_launchers_overwrite_every_element(n):
         assert torch.equal(got, w.view(n))
     with pytest.raises(RuntimeError, match=r"s: expected a contiguous \[\d+\] CPU tensor of dtype Float"):
         _ext.ops.hc_gate_mul_backward(grad, a, s.double(), phi, params, None, None, None)
+
+
+@pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
+@pytest.mark.parametrize("phi_dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_kept_sample_reused_for_dphi(phi_dtype):
+    """The C++ layer's autograd node writes d phi over the kept sample s when nothing else holds it
+    (csrc/cpu/gated_linear.cpp, layer_backward). Whether the caller dropped its aux, kept it, or a
+    second backward (retain_graph) has to draw s again, the gradients are the same bits as the
+    custom op's (which never writes over s), and an aux the caller kept is left as it was."""
+    from npn_kernels import _ext
+
+    x, weight, bias, phi = _inputs(6, 131, 9, "weight", torch.float32)
+    phi = phi.to(phi_dtype)
+    seed, offset = rng_tensors(5, 11, "cpu")
+    gate = (seed, offset, 1, [2 / 3, -0.1, 1.1], "weight", True)
+    # the custom op: (example, paired, keep_sample, penalty); the C++ layer: (paired, keep_sample,
+    # compact_below, penalty)
+    flags = {torch.ops.npn.gated_linear: (False, False, True, []), _ext.ops.gated_linear: (False, True, 0.5, [])}
+    grad_y = torch.randn(6, 9, generator=torch.Generator().manual_seed(2))
+
+    def run(op, hold_aux=False, twice=False):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias, phi)]
+        y, aux, _ = op(*leaves, *gate, *flags[op])
+        kept = (aux, aux.clone()) if hold_aux else None
+        del aux
+        grads = [torch.autograd.grad(y, leaves, grad_y, retain_graph=twice) for _ in range(2 if twice else 1)]
+        return grads, kept
+
+    with npn.backends.use("cpu"):
+        (want,), _ = run(torch.ops.npn.gated_linear)
+        (dropped,), _ = run(_ext.ops.gated_linear)
+        (held,), (aux, aux_before) = run(_ext.ops.gated_linear, hold_aux=True)
+        (first, second), _ = run(_ext.ops.gated_linear, twice=True)
+    assert torch.equal(aux, aux_before)
+    for got in (dropped, held, first, second):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
