@@ -75,7 +75,7 @@ def _check(backend, x, weight, bias, phi, gate, granularity, *, training=True, n
         expected = want.grad if want.grad is not None else torch.zeros_like(want)
         if name == "x" and paired:
             assert torch.count_nonzero(got.grad[m:]) == 0, "the second half of a paired batch gets no gradient"
-        torch.testing.assert_close(got.grad, expected, rtol=rtol * 10, atol=atol * 10, msg=lambda s: f"d{name}: {s}")
+        torch.testing.assert_close(got.grad, expected, rtol=rtol * 10, atol=atol * 10, msg=lambda s, name=name: f"d{name}: {s}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -185,7 +185,7 @@ def test_paired_op_returns_its_noise(backend, granularity, halves):
     seed, offset = _rng()
     seed_t, offset_t = rng_tensors(seed, offset, "cpu")
     with npn.backends.use(backend):
-        y, aux, _ = gated_linear_function.gated_linear_op(x, weight, bias, phi, seed_t, offset_t, 0, [3.0], granularity,
+        _, aux, _ = gated_linear_function.gated_linear_op(x, weight, bias, phi, seed_t, offset_t, 0, [3.0], granularity,
                                                           True, False, True, False, [])  # fmt: skip
     assert aux.dtype == torch.float32 and aux.shape == (phi.numel(),)
     assert torch.equal(aux, uniforms_reference.uniforms(phi.numel(), seed_t, offset_t))
@@ -232,8 +232,8 @@ def test_opcheck_kept_sample():
     ],
 )
 def test_bad_input(change, error, match):
-    kwargs = dict(x=torch.randn(3, 7), weight=torch.randn(5, 7), bias=torch.randn(5), phi=torch.randn(7),
-                  gate=npn.Binary(), granularity="in", seed=0, offset=0)  # fmt: skip
+    kwargs = {"x": torch.randn(3, 7), "weight": torch.randn(5, 7), "bias": torch.randn(5), "phi": torch.randn(7),
+              "gate": npn.Binary(), "granularity": "in", "seed": 0, "offset": 0}
     kwargs.update(change)
     before = {k: v.clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
     with pytest.raises(error, match=match):
