@@ -55,10 +55,9 @@ struct L0PenaltyFunction : public torch::autograd::Function<L0PenaltyFunction> {
   }
 };
 
-
 // One autograd node per gated_linear call: the forward saves its inputs and aux, the backward
-// calls layer_backward (gated_linear_backward's body). aux is not differentiable and its gradient is never materialized; the
-// penalty output (with penalty_coef) is differentiable.
+// calls layer_backward (gated_linear_backward's body). aux is not differentiable and its
+// gradient is never materialized; the penalty output (with penalty_coef) is differentiable.
 struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
                                const std::optional<Tensor>& bias, const Tensor& phi, const Tensor& seed,
@@ -156,7 +155,6 @@ Tensor l0_penalty_autograd(const Tensor& phi, const std::optional<Tensor>& weigh
   return L0PenaltyFunction::apply(phi, weight, family, params.vec(), group_size, l0,
                                   weight_decay, sumsq);
 }
-
 
 // The Autograd kernel of npn_ext::gated_linear (registered in csrc/register.cpp).
 std::tuple<Tensor, Tensor, Tensor> gated_linear_autograd(

@@ -251,7 +251,8 @@ struct LayerPenalty {
 // workspace, s [N, K] in float32; float64 for float64 phi).
 std::tuple<Tensor, Tensor> sample_weight_gates(const Tensor& w, const Gates& g) {
   Tensor wz = workspace_like(w);
-  Tensor s = at::empty(w.sizes(), w.options().dtype(g.phi.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  const bool f64 = g.phi.scalar_type() == at::kDouble;
+  Tensor s = at::empty(w.sizes(), w.options().dtype(f64 ? at::kDouble : at::kFloat));
   hc_gate_mul(w.view(-1), g.phi, g.seed, g.offset, g.params, wz.view(-1), s.view(-1));
   return {wz, s};
 }
