@@ -328,8 +328,8 @@ def test_kept_sample_launchers_overwrite_every_element(n):
 @pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
 @pytest.mark.parametrize("phi_dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_kept_sample_reused_for_dphi(phi_dtype):
-    """The C++ layer's autograd node writes d phi over the kept sample s when nothing else holds it
-    (csrc/cpu/gated_linear.cpp, layer_backward). Whether the caller dropped its aux, kept it, or a
+    """The C++ layer's autograd node (csrc/cpu/autograd.cpp) writes d phi over the kept sample s
+    when nothing else holds it (layer_backward in csrc/cpu/gated_linear.cpp). Whether the caller dropped its aux, kept it, or a
     second backward (retain_graph) has to draw s again, the gradients are the same bits as the
     custom op's (which never writes over s), and an aux the caller kept is left as it was."""
     from npn_kernels import _ext
