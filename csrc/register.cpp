@@ -21,12 +21,14 @@ TORCH_LIBRARY_IMPL(npn_ext, CPU, m) {
   m.impl("hc_gate_mul_backward", &npn::cpu::hc_gate_mul_backward);
   m.impl("gated_linear", &npn::cpu::gated_linear);
   m.impl("gated_linear_backward", &npn::cpu::gated_linear_backward);
+  m.impl("arm_surrogate", &npn::cpu::arm_surrogate);
 }
 
 // Ops whose backward is a C++ autograd node (no Python between forward and backward).
 TORCH_LIBRARY_IMPL(npn_ext, AutogradCPU, m) {
   m.impl("gated_linear", &npn::cpu::gated_linear_autograd);
   m.impl("l0_penalty", &npn::cpu::l0_penalty_autograd);
+  m.impl("arm_surrogate", &npn::cpu::arm_surrogate_autograd);
 }
 
 // Scalar-only ops carry no tensor to dispatch on.

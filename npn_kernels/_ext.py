@@ -68,6 +68,9 @@ _LIB.define(
     "bool training, bool paired, bool keep_sample, float compact_below, float[] penalty, bool[4] needs) "
     "-> (Tensor, Tensor, Tensor, Tensor)"
 )
+# ARM's surrogate of npn.objective (csrc/cpu/autograd.cpp): a 0-dim zero whose gradient in phis[i]
+# is ks[i]·grad·diff·(us[i] − halves[i]); CPU tensors.
+_LIB.define("arm_surrogate(Tensor diff, float[] ks, float[] halves, Tensor[] phis, Tensor[] us) -> Tensor")
 _LIB.define("build_info() -> str")
 _LIB.define("parallel_threads(int n) -> int")
 

@@ -146,6 +146,59 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
   }
 };
 
+
+// ARM's surrogate (npn.objective, DESIGN 4.3): a 0-dim zero whose gradient in phis[i] is
+// ks[i]·grad·diff·(us[i] − halves[i]), in phi's dtype; us[i] has phis[i]'s shape. One node for
+// all layers, the same three foreach calls as the Python Function (_ArmSurrogate in
+// npn_kernels/training/objective.py) that torch.compile and the other backends use, so both give
+// the same bits. Why in C++: as a Python autograd.Function the node cost ~95 us of a ~2.4 ms C4
+// step (a null Python node against none, 2026-11-25), most of it the engine's call into Python.
+struct ArmSurrogateFunction : public torch::autograd::Function<ArmSurrogateFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& diff, std::vector<double> ks,
+                        std::vector<double> halves, at::TensorList phis, at::TensorList us) {
+    TORCH_CHECK(phis.size() == ks.size() && us.size() == ks.size() && halves.size() == ks.size(),
+                "arm_surrogate: expected as many ks, halves, phis and us, got ", ks.size(), ", ",
+                halves.size(), ", ", phis.size(), ", ", us.size());
+    std::vector<int64_t> dtypes;
+    for (size_t i = 0; i < phis.size(); ++i) {
+      TORCH_CHECK(us[i].sizes() == phis[i].sizes(), "arm_surrogate: us[", i, "] ", us[i].sizes(),
+                  " must have the shape of phis[", i, "] ", phis[i].sizes());
+      dtypes.push_back(static_cast<int64_t>(phis[i].scalar_type()));
+    }
+    variable_list to_save{diff};
+    to_save.insert(to_save.end(), us.begin(), us.end());
+    ctx->save_for_backward(to_save);
+    ctx->saved_data["ks"] = ks;
+    ctx->saved_data["halves"] = halves;
+    ctx->saved_data["dtypes"] = dtypes;
+    return at::zeros({}, diff.options());
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const std::vector<double> ks = ctx->saved_data["ks"].toDoubleVector();
+    const std::vector<double> halves = ctx->saved_data["halves"].toDoubleVector();
+    const std::vector<int64_t> dtypes = ctx->saved_data["dtypes"].toIntVector();
+    const size_t n = ks.size();
+    const std::vector<Tensor> us(saved.begin() + 1, saved.end());
+    std::vector<at::Scalar> minus_halves, k_scalars;
+    for (size_t i = 0; i < n; ++i) {
+      minus_halves.emplace_back(-halves[i]);
+      k_scalars.emplace_back(ks[i]);
+    }
+    std::vector<Tensor> dphis = at::_foreach_add(us, minus_halves);  // u − 1/2, summed over draws
+    at::_foreach_mul_(dphis, k_scalars);
+    at::_foreach_mul_(dphis, grads[0] * saved[0]);
+    // inputs: diff, ks, halves, phis..., us...
+    variable_list out(3 + 2 * n);
+    for (size_t i = 0; i < n; ++i) {
+      const auto dtype = static_cast<at::ScalarType>(dtypes[i]);
+      out[3 + i] = dphis[i].scalar_type() == dtype ? dphis[i] : dphis[i].to(dtype);
+    }
+    return out;
+  }
+};
+
 }  // namespace
 
 // The Autograd kernel of npn_ext::l0_penalty (registered in csrc/register.cpp).
@@ -166,6 +219,19 @@ std::tuple<Tensor, Tensor, Tensor> gated_linear_autograd(
       x, weight, bias, phi, seed, offset, family, params.vec(), std::string(granularity),
       training, paired, keep_sample, compact_below, penalty_coef.vec());
   return {out[0], out[1], out[2]};
+}
+
+// npn_ext::arm_surrogate without autograd (no input needs a gradient): the zero itself.
+Tensor arm_surrogate(const Tensor& diff, c10::ArrayRef<double> ks, c10::ArrayRef<double> halves,
+                     at::TensorList phis, at::TensorList us) {
+  return at::zeros({}, diff.options());
+}
+
+// The Autograd kernel of npn_ext::arm_surrogate (registered in csrc/register.cpp).
+Tensor arm_surrogate_autograd(const Tensor& diff, c10::ArrayRef<double> ks,
+                              c10::ArrayRef<double> halves, at::TensorList phis,
+                              at::TensorList us) {
+  return ArmSurrogateFunction::apply(diff, ks.vec(), halves.vec(), phis, us);
 }
 
 }  // namespace npn::cpu

@@ -22,8 +22,10 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_map
 
+from npn_kernels import _ext, backends
 from npn_kernels.gates import Binary
 from npn_kernels.nn.modules import GatedModule, gated_modules, penalty_with
+from npn_kernels.ops import eager
 
 Draws = dict[GatedModule, list[tuple[Tensor, int, Tensor | None]]]
 
@@ -64,7 +66,8 @@ class _ArmSurrogate(torch.autograd.Function):
     """0-dim zero whose gradient in phis[i] is ks[i]·diff·(us[i] − halves[i]) (in phi's dtype):
     apply(diff, ks, halves, *phis, *us). Bookkeeping only, one node for all layers, and the
     arithmetic happens in the backward, three foreach calls for all layers: in the forward it was
-    ~6 ATen calls per layer (row C4, 2026-11-25), then one subtraction per layer, ~30 us a step."""
+    ~6 ATen calls per layer (row C4, 2026-11-25), then one subtraction per layer, ~30 us a step.
+    Eager calls on the cpu backend take the same node in C++ (npn_ext::arm_surrogate, see _arm)."""
 
     @staticmethod
     def forward(ctx, diff: Tensor, ks: tuple[float, ...], halves: tuple[float, ...], *tensors: Tensor) -> Tensor:
@@ -105,7 +108,16 @@ def _surrogate(layers: list[GatedModule], draws: Draws, diff: Tensor) -> Tensor:
                 ks.append(m.gate.k)
                 halves.append(half)
                 us.append(terms[0] if len(terms) == 1 else torch.stack(terms).sum(0))
-    return _ArmSurrogate.apply(diff, tuple(ks), tuple(halves), *phis, *us) if phis else diff.new_zeros(())
+    return _arm(diff, ks, halves, phis, us) if phis else diff.new_zeros(())
+
+
+def _arm(diff: Tensor, ks: list[float], halves: list[float], phis: list[Tensor], us: list[Tensor]) -> Tensor:
+    """The surrogate's node: C++ (csrc/cpu/autograd.cpp) for eager calls on the cpu backend, whose
+    backward runs no Python (the Python node cost ~95 us of a ~2.4 ms C4 step, 2026-11-25); the
+    Python Function elsewhere and under torch.compile, which traces it. The same foreach calls."""
+    if backends.select(diff.device) == "cpu" and not eager.traced((diff, *phis, *us)):
+        return _ext.ops.arm_surrogate(diff, ks, halves, phis, us)
+    return _ArmSurrogate.apply(diff, tuple(ks), tuple(halves), *phis, *us)
 
 
 def _halves(out, rows: int):

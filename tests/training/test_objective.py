@@ -304,3 +304,43 @@ def test_paired_pass_error_says_the_batch_was_doubled():
         npn.objective(model, F.cross_entropy, torch.randn(4, 6), torch.zeros(4, dtype=torch.long))
     assert any("paired pass" in note and "8 rows for a batch of 4" in note for note in info.value.__notes__)
     assert torch.equal(model[0].offset, offset)
+
+
+@pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
+def test_arm_surrogate_nodes_agree(monkeypatch):
+    """ARM's surrogate has a C++ node (eager calls on the cpu backend) and a Python Function (other
+    backends, torch.compile): the same phi gradients bit for bit, in phi's dtype, for several
+    layers with different k, summed draws (halves) and an upstream gradient other than 1; and
+    npn.objective takes the C++ node on the cpu backend."""
+    import importlib
+
+    from npn_kernels import _ext
+
+    objective_module = importlib.import_module("npn_kernels.training.objective")
+    gen = torch.Generator().manual_seed(4)
+    shapes, dtypes = [(5,), (3, 4), (7,)], [torch.float32, torch.float64, torch.bfloat16]
+    us = [torch.rand(s, generator=gen) for s in shapes]
+    ks, halves, diff = [7.0, 3.5, 0.25], [0.5, 1.5, 0.5], torch.tensor(-0.37)
+    grads = []
+    for node in ("cpp", "python"):
+        phis = [torch.zeros(s, dtype=d, requires_grad=True) for s, d in zip(shapes, dtypes)]
+        if node == "cpp":
+            out = _ext.ops.arm_surrogate(diff, ks, halves, phis, us)
+        else:
+            out = objective_module._ArmSurrogate.apply(diff, tuple(ks), tuple(halves), *phis, *us)
+        assert out.item() == 0
+        grads.append(torch.autograd.grad(out, phis, torch.tensor(2.5)))
+    for a, b, d, u, k, h in zip(*grads, dtypes, us, ks, halves):
+        assert a.dtype == d and torch.equal(a, b)
+        assert_close(a.float(), (k * 2.5 * float(diff) * (u - h)).to(d).float())
+
+    calls = []
+    original = objective_module._ArmSurrogate.apply
+    monkeypatch.setattr(objective_module._ArmSurrogate, "apply", lambda *args: calls.append(args) or original(*args))
+    model = _mlp()
+    with npn.backends.use("cpu"):
+        npn.objective(model, F.cross_entropy, torch.randn(4, 6), torch.randint(0, 3, (4,))).backward()
+    assert not calls and model[0].phi.grad is not None
+    with npn.backends.use("reference"):
+        npn.objective(model, F.cross_entropy, torch.randn(4, 6), torch.randint(0, 3, (4,))).backward()
+    assert len(calls) == 1
