@@ -195,6 +195,33 @@ def test_backward_after_more_forwards():
     torch.testing.assert_close(y.phi.grad, first, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
+@pytest.mark.parametrize("gate, granularity, paired", [(npn.Binary(7.0), "in", True), (npn.Binary(7.0), "out", False),
+                                                       (HC, "in", False), (npn.Binary(INF), "out", True)])  # fmt: skip
+def test_cpp_training_call_matches_the_general_path(monkeypatch, gate, granularity, paired):
+    """GatedLinear's shortcut to the C++ layer (_cpp_training_call) and GatedModule.forward: the same
+    output, gradients, penalty, draw record and counter, bit for bit; and the shortcut really runs."""
+    fast = npn.GatedLinear(7, 5, gate=gate, granularity=granularity, l0=0.1, weight_decay=0.01)
+    general = copy.deepcopy(fast)
+    x = torch.randn(6, 7, requires_grad=True)
+    runs = []
+    for layer, forward in ((fast, npn.GatedLinear.forward), (general, npn.nn.GatedModule.forward)):
+        calls = []
+        shortcut = npn.GatedLinear._cpp_training_call
+        monkeypatch.setattr(npn.GatedLinear, "_cpp_training_call", lambda m, x: calls.append(shortcut(m, x)) or calls[-1])
+        draws, penalties = [], {}
+        vars(layer).update(paired=paired, draws=draws, penalties=penalties)
+        xi = x.detach().clone().requires_grad_()
+        with npn.backends.use("cpu"):
+            y = forward(layer, xi)
+            (y.square().sum() + penalties[layer]).backward()
+        runs.append((y, xi.grad, layer.weight.grad, layer.bias.grad, layer.phi.grad, penalties[layer],
+                     draws[0][0], layer.offset, draws[0][2]))  # fmt: skip
+        assert (calls[0] is not None if layer is fast else not calls) and draws[0][1] == (3 if paired else 6)
+    for a, b in zip(*runs):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 # ---- penalty --------------------------------------------------------------------------------
 
 

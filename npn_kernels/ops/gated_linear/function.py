@@ -273,7 +273,7 @@ def _in_cpp(device: torch.device, granularity: str, example: bool, keep_sample: 
     return backend == "cpu" and (keep_sample or (granularity != "weight" and not example))
 
 
-def _cpp_layer(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired, keep_sample, penalty):
+def cpp_layer(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired, keep_sample, penalty):
     """(y, aux, penalty) from the C++ layer; with its autograd node when an input needs a gradient (eager)."""
     return _ext.ops.gated_linear(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired,
                                  keep_sample, COMPACT_BELOW, penalty)  # fmt: skip
@@ -336,7 +336,7 @@ def gated_linear_op(
     """(y [M, N], aux, p) for x [M, K], weight [N, K], bias [N] or None; aux: see _aux_shape; p:
     the layer's penalty (0-dim) when penalty = [group_size, l0, weight_decay], else empty [0]."""
     if _in_cpp(x.device, granularity, example, keep_sample):
-        return _cpp_layer(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired, keep_sample,
+        return cpp_layer(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired, keep_sample,
                           penalty)  # fmt: skip
     if keep_sample:
         raise ValueError("keep_sample: only the cpu backend's C++ layer keeps the hard-concrete sample")
@@ -408,7 +408,7 @@ def _native(x, weight, bias, phi, seed, offset, family, params, granularity, tra
     """An eager call the C++ layer runs, forward and backward (its autograd node is C++); else None."""
     if not _in_cpp(x.device, granularity, example, keep_sample):
         return None
-    return _cpp_layer(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired, keep_sample,
+    return cpp_layer(x, weight, bias, phi, seed, offset, family, params, granularity, training, paired, keep_sample,
                       penalty)  # fmt: skip
 
 
@@ -492,7 +492,7 @@ def layer_forward(x, weight, bias, phi, gate, granularity, seed, offset, trainin
     # Python step here costs ~1-2 us on the CI machine; this function was ~20 us per call over
     # the op itself (2026-11-25), for ~25 us of op at the sizes where that matters (row C4).
     if in_cpp and not eager.traced((x, weight, bias, phi, seed, offset)):
-        y, aux, p = _cpp_layer(rows, weight, bias, phi, seed, offset, family, params, granularity, training, paired,
+        y, aux, p = cpp_layer(rows, weight, bias, phi, seed, offset, family, params, granularity, training, paired,
                                keep, coef)  # fmt: skip
     else:
         if not in_cpp:
