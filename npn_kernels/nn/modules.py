@@ -298,7 +298,8 @@ class GatedLinear(GatedModule):
         return x.numel() // self.in_features
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self._cpp_training_call(x) if self.training else None
+        # torch.compile traces the general path (the shortcut reads the module's dicts directly)
+        y = self._cpp_training_call(x) if self.training and not torch.compiler.is_compiling() else None
         return super().forward(x) if y is None else y
 
     def _cpp_training_call(self, x: Tensor) -> Tensor | None:
@@ -312,8 +313,7 @@ class GatedLinear(GatedModule):
         params = d["_parameters"]
         weight, phi = params.get("weight"), params.get("phi")  # absent under torch's parametrize
         if (
-            torch.compiler.is_compiling()
-            or weight is None
+            weight is None
             or phi is None
             or d["replay"] is not None
             or d["noise"] != "batch"
