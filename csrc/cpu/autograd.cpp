@@ -56,7 +56,7 @@ struct L0PenaltyFunction : public torch::autograd::Function<L0PenaltyFunction> {
 };
 
 // One autograd node per gated_linear call: the forward saves its inputs and aux, the backward
-// calls layer_backward (gated_linear_backward's body). aux is not differentiable and its
+// calls gated_linear_backward. aux is not differentiable and its
 // gradient is never materialized; the penalty output (with penalty_coef) is differentiable.
 struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
@@ -75,7 +75,7 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
                                                compact_below, penalty_coef);
     }
     // A kept sample waits in saved_data, so that the backward can take it and, where nobody
-    // else holds it, write d phi over it (layer_backward). The caller gets an alias: whether it
+    // else holds it, write d phi over it (gated_linear_backward). The caller gets an alias: whether it
     // still holds one shows in the storage's use count (a Python wrapper can keep the tensor
     // itself alive after its last Python reference is gone).
     ctx->save_for_backward({x, weight, bias.value_or(Tensor()), phi, seed, offset,
@@ -116,11 +116,9 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
     const std::vector<double> penalty_coef = ctx->saved_data["penalty_coef"].toDoubleVector();
     const int64_t family = ctx->saved_data["family"].toInt();
     // as in forward, unless the backward itself is recorded (create_graph)
-    const bool recorded = at::GradMode::is_enabled();
     std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
-    if (!recorded) below_autograd.emplace();
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
     Tensor aux = saved[6];
-    bool sample_owned = false;
     if (flags[2]) {
       // the first backward takes the kept sample; another one (retain_graph) draws it again
       // from (seed, offset): the same bits
@@ -131,13 +129,11 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
       } else {
         aux = redraw_kept_sample(saved[1], saved[3], saved[4], saved[5], params);
       }
-      sample_owned = !recorded && aux.use_count() == 1 && aux.storage().use_count() == 1 &&
-                     aux.scalar_type() == saved[3].scalar_type();
     }
-    auto [dx, dw, db, dphi] = layer_backward(
+    auto [dx, dw, db, dphi] = gated_linear_backward(
         grad_y, penalized ? std::optional<Tensor>(grads[2]) : std::nullopt, saved[0], saved[1], b,
         saved[3], saved[4], saved[5], aux, family, params, granularity, flags[0], flags[1],
-        flags[2], ctx->saved_data["compact_below"].toDouble(), penalty_coef, needs, sample_owned);
+        flags[2], ctx->saved_data["compact_below"].toDouble(), penalty_coef, needs);
     const Tensor grads_in[4] = {dx, dw, db, dphi};
     for (int i = 0; i < 4; ++i) {
       if (needs[i]) out[i] = grads_in[i];

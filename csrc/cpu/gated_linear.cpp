@@ -16,6 +16,7 @@
 // give the same bits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 
 #include <array>
 #include <optional>
@@ -322,16 +323,16 @@ Tensor redraw_kept_sample(const Tensor& weight, const Tensor& phi, const Tensor&
   return std::get<1>(sample_weight_gates(weight.contiguous(), g));
 }
 
-// gated_linear_backward; with sample_owned (keep_sample, aux held by nobody else, phi's dtype
-// is the sample's) d phi is written over the sample s, which the backward reads once per element
-// before it writes there: one fresh [N, K] buffer fewer per step.
-std::tuple<Tensor, Tensor, Tensor, Tensor> layer_backward(
+// (dx, dW, db, dphi) of the first half (the whole batch unless paired) for the calls
+// gated_linear takes; needs: which of (x, weight, bias, phi) want one (the others: empty [0]).
+// grad_penalty (with penalty_coef): the gradient of the layer's penalty output, whose dW
+// the task's dW GEMM accumulates onto (beta = 1: no separate sum over [N, K]).
+std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward(
     const Tensor& grad_y, const std::optional<Tensor>& grad_penalty, const Tensor& x,
     const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& phi, const Tensor& seed,
     const Tensor& offset, const Tensor& aux, int64_t family, c10::ArrayRef<double> params,
     c10::string_view granularity, bool training, bool paired, bool keep_sample,
-    double compact_below, c10::ArrayRef<double> penalty_coef, std::array<bool, 4> needs,
-    bool sample_owned) {
+    double compact_below, c10::ArrayRef<double> penalty_coef, std::array<bool, 4> needs) {
   check_layer(x, weight, bias, phi, granularity, family, training, paired, keep_sample);
   const auto [need_x, need_w, need_b, want_phi] = needs;
   const bool need_phi = want_phi && family != kBinary;  // Binary: no pathwise gradient
@@ -365,6 +366,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_backward(
     const Tensor w = weight.contiguous();
     const Tensor gw = (need_w || need_phi) ? dy.t().mm(x1) : w;
     if (need_w) dw = gw;
+    // d phi over the kept sample s where nothing else holds it (the autograd node's own, once it
+    // took s out of its saved_data; a caller's alias, a saved copy or a dispatcher call holds
+    // another reference) and the backward is not recorded: s is read once per element before it
+    // is written there, and a step allocates one [N, K] buffer fewer
+    const bool sample_owned = !at::GradMode::is_enabled() && aux.use_count() == 1 &&
+                              aux.storage().use_count() == 1 && aux.scalar_type() == phi.scalar_type();
     if (need_phi) dphi = sample_owned ? aux.view(-1) : at::empty_like(g.phi);
     const Tensor wz = need_x ? workspace_like(w) : Tensor();
     auto flat = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t.view(-1)) : std::nullopt; };
@@ -415,21 +422,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_backward(
   if (want_phi) dphi = dphi.defined() ? dphi.view(phi.sizes()) : at::zeros_like(phi);
   auto or_empty = [](const Tensor& t, const Tensor& like) { return t.defined() ? t : at::empty({0}, like.options()); };
   return {or_empty(dx, x), or_empty(dw, x), or_empty(db, x), or_empty(dphi, phi)};
-}
-
-// (dx, dW, db, dphi) of the first half (the whole batch unless paired) for the calls
-// gated_linear takes; needs: which of (x, weight, bias, phi) want one (the others: empty [0]).
-// grad_penalty (with penalty_coef): the gradient of the layer's penalty output, whose dW
-// the task's dW GEMM accumulates onto (beta = 1: no separate sum over [N, K]).
-std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward(
-    const Tensor& grad_y, const std::optional<Tensor>& grad_penalty, const Tensor& x,
-    const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& phi, const Tensor& seed,
-    const Tensor& offset, const Tensor& aux, int64_t family, c10::ArrayRef<double> params,
-    c10::string_view granularity, bool training, bool paired, bool keep_sample,
-    double compact_below, c10::ArrayRef<double> penalty_coef, std::array<bool, 4> needs) {
-  return layer_backward(grad_y, grad_penalty, x, weight, bias, phi, seed, offset, aux, family,
-                        params, granularity, training, paired, keep_sample, compact_below,
-                        penalty_coef, needs, false);
 }
 
 }  // namespace npn::cpu

@@ -94,15 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
     c10::ArrayRef<double> params, c10::string_view granularity, bool training, bool paired,
     bool keep_sample, double compact_below, c10::ArrayRef<double> penalty_coef,
     std::array<bool, 4> needs);
-// gated_linear_backward for the autograd node, which may hand it the kept sample to write d phi
-// over (sample_owned), and draws a kept sample again for a second backward (retain_graph).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_backward(
-    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_penalty, const at::Tensor& x,
-    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& phi,
-    const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& aux, int64_t family,
-    c10::ArrayRef<double> params, c10::string_view granularity, bool training, bool paired,
-    bool keep_sample, double compact_below, c10::ArrayRef<double> penalty_coef,
-    std::array<bool, 4> needs, bool sample_owned);
+// A kept sample drawn again for a second backward of the autograd node (retain_graph).
 at::Tensor redraw_kept_sample(const at::Tensor& weight, const at::Tensor& phi,
                               const at::Tensor& seed, const at::Tensor& offset,
                               c10::ArrayRef<double> params);

@@ -328,10 +328,12 @@ def test_kept_sample_launchers_overwrite_every_element(n):
 @pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
 @pytest.mark.parametrize("phi_dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_kept_sample_reused_for_dphi(phi_dtype):
-    """The C++ layer's autograd node (csrc/cpu/autograd.cpp) writes d phi over the kept sample s
-    when nothing else holds it (layer_backward in csrc/cpu/gated_linear.cpp). Whether the caller dropped its aux, kept it, or a
-    second backward (retain_graph) has to draw s again, the gradients are the same bits as the
-    custom op's (which never writes over s), and an aux the caller kept is left as it was."""
+    """gated_linear_backward (csrc/cpu/gated_linear.cpp) writes d phi over the kept sample s when
+    nothing else holds it: the C++ layer's autograd node (csrc/cpu/autograd.cpp) once it took s
+    out of its saved_data. Whether the caller dropped its aux, kept it, or a second backward
+    (retain_graph) has to draw s again, the gradients are the same bits as the custom op's (whose
+    saved aux is always held elsewhere, also across two backwards), and an aux the caller kept is
+    left as it was."""
     from npn_kernels import _ext
 
     x, weight, bias, phi = _inputs(6, 131, 9, "weight", torch.float32)
@@ -352,11 +354,11 @@ def test_kept_sample_reused_for_dphi(phi_dtype):
         return grads, kept
 
     with npn.backends.use("cpu"):
-        (want,), _ = run(torch.ops.npn.gated_linear)
+        (want, want_again), _ = run(torch.ops.npn.gated_linear, twice=True)
         (dropped,), _ = run(_ext.ops.gated_linear)
         (held,), (aux, aux_before) = run(_ext.ops.gated_linear, hold_aux=True)
         (first, second), _ = run(_ext.ops.gated_linear, twice=True)
     assert torch.equal(aux, aux_before)
-    for got in (dropped, held, first, second):
+    for got in (want_again, dropped, held, first, second):
         for a, b in zip(got, want):
             assert torch.equal(a, b)
