@@ -168,12 +168,16 @@ class GatedModule(nn.Module):
         if p is not None:
             self.penalties[self] = p
         if training:
-            rows = self._rows(x) // 2 if paired else self._rows(x)
-            if self.draws is not None:
-                self.draws.append((offset, rows, u))
-            # a buffer needs no autograd: no no_grad() block (~3 us a call)
-            counter.add_(ops.counters_for(self.phi.numel() * (rows if self.noise == "example" else 1)))
+            self._drew(counter, offset, self._rows(x) // 2 if paired else self._rows(x), u)
         return y
+
+    def _drew(self, counter: Tensor, offset: Tensor, rows: int, u: Tensor | None) -> None:
+        """After a training draw at ``offset``: records it for the objective and advances the
+        counter past its noise."""
+        if self.draws is not None:
+            self.draws.append((offset, rows, u))
+        # a buffer needs no autograd: no no_grad() block (~3 us a call)
+        counter.add_(ops.counters_for(self.phi.numel() * (rows if self.noise == "example" else 1)))
 
     def _replay(self, x: Tensor, offset: Tensor, rows: int) -> Tensor:
         """The layer on x with the gates of a recorded draw: ARM's z' for Binary gates in training."""
@@ -340,9 +344,7 @@ class GatedLinear(GatedModule):
                               True, paired, False, coef)  # fmt: skip
         if penalize:
             penalties[self] = p
-        if d["draws"] is not None:
-            d["draws"].append((offset, x.shape[0] // 2 if paired else x.shape[0], aux if paired else None))
-        counter.add_(ops.counters_for(phi.numel()))
+        self._drew(counter, offset, x.shape[0] // 2 if paired else x.shape[0], aux if paired else None)
         return y
 
     def _op(self, x: Tensor, offset: Tensor, paired: bool = False,
