@@ -68,24 +68,56 @@ struct Gates {
   }
 };
 
+// This thread's reusable buffer for products that live across one GEMM (W ⊙ z, x ⊙ z). Why
+// not a fresh tensor each time: a 1024x1024 layer's 4 MB temporary, allocated and freed twice per
+// training step beside the kept sample s and the gradients, made glibc's default allocator
+// return the heap top to the OS and page-fault it back every step (~3,500 minor faults per
+// forward + backward, measured 2026-11-24).
+struct Workspace {
+  Tensor buffer;  // bytes
+  // Whose W ⊙ z the buffer holds when a keep_sample forward wrote it last: its sample s (a weak
+  // reference: a storage freed and allocated again cannot pass for it), at s's and W's versions.
+  // The backward of that call multiplies dy by it for dx instead of writing W ⊙ z again: one
+  // 4 MB stream fewer, ~0.12 ms of a ~5 ms C2 step (2026-11-25). Any other use clears it.
+  std::optional<c10::weak_intrusive_ptr<c10::StorageImpl>> sample;
+  const void* weight = nullptr;
+  int64_t sample_version = -1, weight_version = -1;
+
+  // Whether the buffer holds the W ⊙ z of sample s [N, K] and w [N, K], as the forward wrote it.
+  bool holds(const Tensor& s, const Tensor& w) const {
+    return sample.has_value() && sample->_unsafe_get_target() == s.storage().unsafeGetStorageImpl() &&
+           s._version() == sample_version && w.const_data_ptr() == weight &&
+           w._version() == weight_version;
+  }
+};
+
+Workspace& workspace() {
+  thread_local Workspace ws;
+  return ws;
+}
+
 // The largest W ⊙ z kept in a thread's workspace: 16 MB, a 2048x2048 float32 layer. Past it a
 // fresh tensor's page faults (~0.25 ms per MB here) are small next to the layer's GEMMs (a
 // 4096x4096 layer at M = 128: ~25 ms), and a thread does not hold the memory for good.
 constexpr int64_t kWorkspaceMaxBytes = int64_t{16} << 20;
 
-// A [N, K] tensor like w, for W ⊙ z that lives only across one GEMM: over this thread's reusable
-// workspace up to kWorkspaceMaxBytes. Why not always a fresh tensor: a 1024x1024 layer's 4 MB
-// temporary, allocated and freed twice per training step beside the kept sample s and the
-// gradients, made glibc's default allocator return the heap top to the OS and page-fault it back
-// every step (~3,500 minor faults per forward + backward, measured 2026-11-24).
+// The first bytes of this thread's workspace as a tensor like w (the buffer holds at least them).
+Tensor workspace_view(const Tensor& w) {
+  const int64_t bytes = w.numel() * static_cast<int64_t>(w.element_size());
+  return workspace().buffer.narrow(0, 0, bytes).view(w.scalar_type()).view(w.sizes());
+}
+
+// A tensor like w over this thread's workspace, up to kWorkspaceMaxBytes (else a fresh one), for
+// a product that lives only across one GEMM. It clears whose W ⊙ z the workspace held.
 Tensor workspace_like(const Tensor& w) {
   const int64_t bytes = w.numel() * static_cast<int64_t>(w.element_size());
   if (bytes > kWorkspaceMaxBytes) return at::empty_like(w);
-  thread_local Tensor buffer;
-  if (!buffer.defined() || buffer.numel() < bytes) {
-    buffer = at::empty({bytes}, w.options().dtype(at::kByte));
+  Workspace& ws = workspace();
+  ws.sample.reset();
+  if (!ws.buffer.defined() || ws.buffer.numel() < bytes) {
+    ws.buffer = at::empty({bytes}, w.options().dtype(at::kByte));
   }
-  return buffer.narrow(0, 0, bytes).view(w.scalar_type()).view(w.sizes());
+  return workspace_view(w);
 }
 
 // x ⊙ z for x [M, K] and z [K], in this thread's workspace: it lives across one GEMM. A fresh
@@ -255,6 +287,13 @@ std::tuple<Tensor, Tensor> sample_weight_gates(const Tensor& w, const Gates& g) 
   const bool f64 = g.phi.scalar_type() == at::kDouble;
   Tensor s = at::empty(w.sizes(), w.options().dtype(f64 ? at::kDouble : at::kFloat));
   hc_gate_mul(w.view(-1), g.phi, g.seed, g.offset, g.params, wz.view(-1), s.view(-1));
+  Workspace& ws = workspace();
+  if (ws.buffer.defined() && wz.const_data_ptr() == ws.buffer.const_data_ptr()) {
+    ws.sample = s.storage().getWeakStorageImpl();
+    ws.sample_version = s._version();
+    ws.weight = w.const_data_ptr();
+    ws.weight_version = w._version();
+  }
   return {wz, s};
 }
 
@@ -373,11 +412,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward(
     const bool sample_owned = !at::GradMode::is_enabled() && aux.use_count() == 1 &&
                               aux.storage().use_count() == 1 && aux.scalar_type() == phi.scalar_type();
     if (need_phi) dphi = sample_owned ? aux.view(-1) : at::empty_like(g.phi);
-    const Tensor wz = need_x ? workspace_like(w) : Tensor();
+    // W ⊙ z for dx: the forward's, where this thread's workspace still holds it, else written
+    // again beside dW and d phi
+    const bool kept = need_x && workspace().holds(aux, w);
+    const Tensor wz = !need_x ? Tensor() : kept ? workspace_view(w) : workspace_like(w);
     auto flat = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t.view(-1)) : std::nullopt; };
     hc_gate_mul_backward(gw.view(-1), w.view(-1), aux.view(-1), g.phi, params, flat(dw),
-                         flat(dphi), flat(wz));
+                         flat(dphi), kept ? std::nullopt : flat(wz));
     if (need_x) dx = input_grad(dy, wz, true);
+    workspace().sample.reset();  // s may now hold d phi
     if (need_w && pen_dw.defined()) dw.add_(pen_dw);
   } else {
     const Tensor z = g.vector(false).to(x.scalar_type());

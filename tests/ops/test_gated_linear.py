@@ -362,3 +362,42 @@ def test_kept_sample_reused_for_dphi(phi_dtype):
     for got in (want_again, dropped, held, first, second):
         for a, b in zip(got, want):
             assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
+def test_kept_wz_reused_only_while_the_workspace_holds_it():
+    """The backward of a HardConcrete weight layer multiplies dy by the W ⊙ z its forward left in
+    the thread's workspace (csrc/cpu/gated_linear.cpp, Workspace::holds) only while it is still
+    there: after a second layer of the same shape wrote its own W ⊙ z there, or an "in" layer its
+    x ⊙ z, each backward writes W ⊙ z again. Every gradient equals, bit for bit, that of a
+    forward followed at once by its backward."""
+    from npn_kernels import _ext
+
+    seed, offset = rng_tensors(5, 11, "cpu")
+    hc = (seed, offset, 1, [2 / 3, -0.1, 1.1])
+    gen = torch.Generator().manual_seed(4)
+    layers = [_inputs(6, 40, 24, "weight", torch.float32) for _ in range(2)]
+    x_in, w_in, b_in, phi_in = _inputs(24, 40, 10, "in", torch.float32, closed=0.0)
+    grad_y = torch.randn(6, 24, generator=gen)
+
+    def forward(inputs):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        y = _ext.ops.gated_linear(*leaves, *hc, "weight", True, False, True, 0.5, [])[0]
+        return y, leaves
+
+    def alone(inputs):
+        y, leaves = forward(inputs)
+        return torch.autograd.grad(y, leaves, grad_y)
+
+    with npn.backends.use("cpu"):
+        want = [alone(inputs) for inputs in layers]
+        # the second layer's forward takes the workspace before the first layer's backward
+        (y0, l0), (y1, l1) = forward(layers[0]), forward(layers[1])
+        got = [torch.autograd.grad(y0, l0, grad_y), torch.autograd.grad(y1, l1, grad_y)]
+        # an "in" layer's x ⊙ z [24, 40] over the same bytes as W ⊙ z [24, 40]
+        y0, l0 = forward(layers[0])
+        _ext.ops.gated_linear(x_in, w_in, b_in, phi_in, *hc[:2], 0, [7.0], "in", True, False, False, 0.5, [])
+        got.append(torch.autograd.grad(y0, l0, grad_y))
+    for g, w in zip(got, [*want, want[0]]):
+        for a, b in zip(g, w):
+            assert torch.equal(a, b)
