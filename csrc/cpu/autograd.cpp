@@ -142,7 +142,6 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
   }
 };
 
-
 // ARM's surrogate (npn.objective, DESIGN 4.3): a 0-dim zero whose gradient in phis[i] is
 // ks[i]·grad·diff·(us[i] − halves[i]), in phi's dtype; us[i] has phis[i]'s shape. One node for
 // all layers, the same three foreach calls as the Python Function (_ArmSurrogate in
