@@ -14,6 +14,13 @@ from bench.registry import Case, Target, register
 K = 7.0
 L0 = 1e-4  # the same penalty strengths for npn and the authors' step (theirs: lamba / N, weight_decay / N)
 WD = 5e-4
+# Every optimizer steps at lr = 0: the same work per step, and the gates stay at NPN's initial
+# state (pi = 0.95, all units open) in every round. At lr = 1e-3 the L0 penalty drove the first
+# layer's gates on this random data from pi = 0.95 to ~0.1 within ~1,000 steps; the npn step got
+# cheaper as they closed (1.57x dense at the start, 1.31x after 1,500 steps, 2026-11-25), so the
+# row depended on how many steps its rounds had run. The dense and authors' steps cost the same
+# in any state.
+LR = 0.0
 
 
 def _sizes(small):
@@ -65,7 +72,7 @@ class AuthorsARMDense(nn.Module):
 def _authors(dims):
     layers = [AuthorsARMDense(a, b) for a, b in pairwise(dims)]
     model = nn.Sequential(*[m for layer in layers for m in (layer, nn.ReLU())][:-1])
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
 
     def step(x, y):
         optimizer.zero_grad()
@@ -91,7 +98,7 @@ def _c4(small):
     dims, batch = _sizes(small)
     x, y = torch.randn(batch, dims[0]), torch.randint(0, dims[-1], (batch,))
     dense = _dense_mlp(dims)
-    dense_opt = torch.optim.Adam(dense.parameters(), lr=1e-3)
+    dense_opt = torch.optim.Adam(dense.parameters(), lr=LR)
 
     def dense_step():
         dense_opt.zero_grad()
@@ -99,7 +106,7 @@ def _c4(small):
         dense_opt.step()
 
     gated = npn.convert(_dense_mlp(dims), gate=npn.Binary(K), granularity="in", l0=L0, weight_decay=WD)
-    gated_opt = torch.optim.Adam(gated.parameters(), lr=1e-3)
+    gated_opt = torch.optim.Adam(gated.parameters(), lr=LR)
 
     def npn_step():
         gated_opt.zero_grad()

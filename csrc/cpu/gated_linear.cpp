@@ -166,7 +166,8 @@ Tensor out_pre(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
 
 // y [2m, N] of a paired batch whose halves are both x1 [m, K]; z [2, P] = [z; z'] (function.py's
 // _paired_same_input: "in" adds the correction (x1 ⊙ (z' − z)) Wᵀ over the units where z' ≠ z
-// to the first half; "out" runs one GEMM for both halves).
+// to the first half, unless the second half's own GEMM takes fewer columns; "out" runs one GEMM
+// for both halves).
 Tensor paired_same_input(const Tensor& x1, const Tensor& w, const std::optional<Tensor>& b,
                          c10::string_view granularity, const Tensor& z, double compact_below) {
   const int64_t m = x1.size(0);
@@ -179,8 +180,12 @@ Tensor paired_same_input(const Tensor& x1, const Tensor& w, const std::optional<
   Tensor y = at::empty({2 * m, w.size(0)}, x1.options());
   Tensor y1 = y.narrow(0, 0, m), y2 = y.narrow(0, m, m);
   in_forward(x1, w, b, z[0], compact_below, &y1);
-  const auto [xd, wd] = changed_units(x1, w, z);
-  at::addmm_out(y2, y1, xd, wd.t());
+  const auto [xd, wd] = changed_units(x1, w, z, compact_below);
+  if (xd.defined()) {
+    at::addmm_out(y2, y1, xd, wd.t());
+  } else {
+    in_forward(x1, w, b, z[1], compact_below, &y2);
+  }
   return y;
 }
 

@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> paired_gates(const at::Tensor& phi, const at:
 void scale_halves(const at::Tensor& x, const at::Tensor& z, int64_t m, const at::Tensor& out);
 bool same_halves(const at::Tensor& x, int64_t m);
 std::tuple<at::Tensor, at::Tensor> changed_units(const at::Tensor& x1, const at::Tensor& w,
-                                                 const at::Tensor& z);
+                                                 const at::Tensor& z, double compact_below);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_linear(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& phi, const at::Tensor& seed, const at::Tensor& offset, int64_t family,

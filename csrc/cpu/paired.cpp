@@ -83,24 +83,32 @@ void scale_halves(const at::Tensor& x, const at::Tensor& z, int64_t m, const at:
 
 // (x1[:, C] ⊙ (z' − z)[C] [m, |C|], W[:, C] [N, |C|]) over the units C where z' ≠ z (z [2, K],
 // x1 [m, K] and W [N, K] of one dtype): the operands of the correction that gives the second half
-// of a paired batch whose halves are equal (gated_linear.cpp, paired_same_input). Gathered in
-// one loop each: the ATen chain (sub, nonzero, three index_selects, mul) was ~20 us of calls
-// around ~10 us of copying for row C4's first layer (128x784, 2026-11-25).
+// of a paired batch whose halves are equal (gated_linear.cpp, paired_same_input). Undefined
+// tensors when the correction would take more columns than the second half's own GEMM (|z'|
+// gathered columns when fewer than compact_below·K are open, else K): where pi ≈ 0.5, z' ≈ 1 − z
+// and C is nearly all units; row C4's first layer spends most of its steps at pi ≈ 0.3, where
+// |C| ≈ 0.6·K against |z'| ≈ 0.3·K (2026-11-25). Gathered in one loop each: the ATen chain (sub,
+// nonzero, three index_selects, mul) was ~20 us of calls around ~10 us of copying for row C4's
+// first layer (128x784, 2026-11-25).
 std::tuple<at::Tensor, at::Tensor> changed_units(const at::Tensor& x1, const at::Tensor& w,
-                                                 const at::Tensor& z) {
+                                                 const at::Tensor& z, double compact_below) {
   const int64_t m = x1.size(0), k = x1.size(1), n = w.size(0);
-  const at::Tensor xc = x1.contiguous(), wc = w.contiguous();
   at::Tensor xd, wd;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x1.scalar_type(), "changed_units", [&] {
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     std::vector<int64_t> idx;
     std::vector<scalar_t> d;
+    int64_t open = 0;  // |z'|
     for (int64_t j = 0; j < k; ++j) {
+      open += static_cast<float>(zp[k + j]) != 0.0f;
       if (zp[k + j] != zp[j]) {
         idx.push_back(j);
         d.push_back(zp[k + j] - zp[j]);  // +-1: exact in every dtype
       }
     }
+    const bool compacts = static_cast<double>(open) < compact_below * static_cast<double>(k);
+    if (static_cast<int64_t>(idx.size()) >= (compacts ? open : k)) return;
+    const at::Tensor xc = x1.contiguous(), wc = w.contiguous();
     const auto c = static_cast<int64_t>(idx.size());
     xd = at::empty({m, c}, x1.options());
     wd = at::empty({n, c}, w.options());

@@ -94,7 +94,8 @@ def _paired_same_input(g: LayerGates, x1, weight, bias, granularity, z):
     """y [2m, N] of a paired batch whose halves are both x1 [m, K], z [2, P]: the second half is the
     first plus a correction. "in": y' = y + (x1 ⊙ (z' − z)) Wᵀ over the units where z' ≠ z only
     (about 2·min(pi, 1 − pi) of them: 10% at pi = 0.95, so the 784→300 layer of row C4 runs one
-    128×78×300 GEMM instead of 128×784×300). "out": y' = (x1 Wᵀ + b) ⊙ z', one GEMM for both."""
+    128×78×300 GEMM instead of 128×784×300), unless the second half's own GEMM takes fewer
+    columns (near pi = 0.5, z' ≈ 1 − z). "out": y' = (x1 Wᵀ + b) ⊙ z', one GEMM for both."""
     m = x1.shape[0]
     if granularity == "out":
         idx = _open_units(z[0] + z[1])  # rows open in either half
@@ -104,7 +105,11 @@ def _paired_same_input(g: LayerGates, x1, weight, bias, granularity, z):
     _in_forward(x1, weight, bias, z[0], out=y[:m])
     d = z[1] - z[0]
     changed = d.nonzero().view(-1)
-    torch.addmm(y[:m], x1.index_select(1, changed) * d[changed], weight.index_select(1, changed).t(), out=y[m:])
+    units, open_ = z.shape[1], int(z[1].count_nonzero())
+    if changed.numel() < (open_ if open_ < COMPACT_BELOW * units else units):
+        torch.addmm(y[:m], x1.index_select(1, changed) * d[changed], weight.index_select(1, changed).t(), out=y[m:])
+    else:
+        _in_forward(x1, weight, bias, z[1], out=y[m:])
     return y
 
 
