@@ -146,8 +146,9 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
 // ks[i]·grad·diff·(us[i] − halves[i]), in phi's dtype; us[i] (float32) has phis[i]'s shape. One
 // node for all layers, with the arithmetic of the three foreach calls of the Python Function
 // (_ArmSurrogate in npn_kernels/training/objective.py) that torch.compile and the other backends
-// use, so both give the same bits. Why in C++: as a Python autograd.Function the node cost ~95 us of a ~2.4 ms C4
-// step (a null Python node against none, 2026-11-25), most of it the engine's call into Python.
+// use, so both give the same bits. Why in C++: as a Python autograd.Function the node cost ~95 us
+// of a ~2.4 ms C4 step (a null Python node against none, 2026-11-25), most of it the engine's
+// call into Python.
 struct ArmSurrogateFunction : public torch::autograd::Function<ArmSurrogateFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& diff, std::vector<double> ks,
                         std::vector<double> halves, at::TensorList phis, at::TensorList us) {

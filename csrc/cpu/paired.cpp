@@ -86,10 +86,10 @@ void scale_halves(const at::Tensor& x, const at::Tensor& z, int64_t m, const at:
 // of a paired batch whose halves are equal (gated_linear.cpp, paired_same_input). Undefined
 // tensors when the correction would take more columns than the second half's own GEMM (|z'|
 // gathered columns when fewer than compact_below·K are open, else K): where pi ≈ 0.5, z' ≈ 1 − z
-// and C is nearly all units; row C4's first layer spends most of its steps at pi ≈ 0.3, where
-// |C| ≈ 0.6·K against |z'| ≈ 0.3·K (2026-11-25). Gathered in one loop each: the ATen chain (sub,
-// nonzero, three index_selects, mul) was ~20 us of calls around ~10 us of copying for row C4's
-// first layer (128x784, 2026-11-25).
+// and C is nearly all units (row C4's MLP with every gate at pi = 0.5: 1.9× → 1.65× the dense
+// step, 2026-11-25). Gathered in one loop each: the ATen chain (sub, nonzero, three
+// index_selects, mul) was ~20 us of calls around ~10 us of copying for row C4's first layer
+// (128x784, 2026-11-25).
 std::tuple<at::Tensor, at::Tensor> changed_units(const at::Tensor& x1, const at::Tensor& w,
                                                  const at::Tensor& z, double compact_below) {
   const int64_t m = x1.size(0), k = x1.size(1), n = w.size(0);
