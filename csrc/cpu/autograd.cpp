@@ -55,9 +55,10 @@ struct L0PenaltyFunction : public torch::autograd::Function<L0PenaltyFunction> {
   }
 };
 
-// One autograd node per gated_linear call: the forward saves its inputs and aux, the backward
-// calls gated_linear_backward. aux is not differentiable and its
-// gradient is never materialized; the penalty output (with penalty_coef) is differentiable.
+// One autograd node per gated_linear call: the forward saves its inputs, aux and the penalty's
+// q = ||W_g||² per unit, the backward calls gated_linear_backward with them. aux is not
+// differentiable and its gradient is never materialized; the penalty output (with penalty_coef)
+// is differentiable.
 struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
                                const std::optional<Tensor>& bias, const Tensor& phi, const Tensor& seed,
@@ -65,21 +66,21 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
                                std::string granularity, bool training, bool paired,
                                bool keep_sample, double compact_below,
                                std::vector<double> penalty_coef) {
-    Tensor y, aux, penalty;
+    Tensor y, aux, penalty, penalty_sumsq;
     {
       // the layer's ~25 ATen calls go straight to their CPU kernels: this node is their autograd
       // (skipping the autograd and ADInplaceOrView kernels: ~0.5 us a call)
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(y, aux, penalty) = gated_linear(x, weight, bias, phi, seed, offset, family, params,
-                                               granularity, training, paired, keep_sample,
-                                               compact_below, penalty_coef);
+      std::tie(y, aux, penalty) = gated_linear_with_sumsq(
+          x, weight, bias, phi, seed, offset, family, params, granularity, training, paired,
+          keep_sample, compact_below, penalty_coef, penalty_sumsq);
     }
     // A kept sample waits in saved_data, so that the backward can take it and, where nobody
     // else holds it, write d phi over it (gated_linear_backward). The caller gets an alias: whether it
     // still holds one shows in the storage's use count (a Python wrapper can keep the tensor
     // itself alive after its last Python reference is gone).
     ctx->save_for_backward({x, weight, bias.value_or(Tensor()), phi, seed, offset,
-                            keep_sample ? Tensor() : aux});
+                            keep_sample ? Tensor() : aux, penalty_sumsq});
     if (keep_sample) {
       ctx->saved_data["sample"] = aux;
       aux = aux.alias();
@@ -130,10 +131,10 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
         aux = redraw_kept_sample(saved[1], saved[3], saved[4], saved[5], params);
       }
     }
-    auto [dx, dw, db, dphi] = gated_linear_backward(
+    auto [dx, dw, db, dphi] = gated_linear_backward_with_sumsq(
         grad_y, penalized ? std::optional<Tensor>(grads[2]) : std::nullopt, saved[0], saved[1], b,
         saved[3], saved[4], saved[5], aux, family, params, granularity, flags[0], flags[1],
-        flags[2], ctx->saved_data["compact_below"].toDouble(), penalty_coef, needs);
+        flags[2], ctx->saved_data["compact_below"].toDouble(), penalty_coef, needs, saved[7]);
     const Tensor grads_in[4] = {dx, dw, db, dphi};
     for (int i = 0; i < 4; ++i) {
       if (needs[i]) out[i] = grads_in[i];

@@ -237,13 +237,14 @@ struct LayerPenalty {
   const Gates& g;
   const Tensor& weight;
   const std::optional<Tensor>& bias;
+  c10::string_view granularity;
   bool active;
   double group_size = 0, l0 = 0, weight_decay = 0;
   std::optional<Tensor> w;  // W grouped [A, P, B] ([P] for weight gates); none without weight decay
 
   LayerPenalty(c10::ArrayRef<double> coef, const Gates& g, const Tensor& weight,
                const std::optional<Tensor>& bias, c10::string_view granularity)
-      : g(g), weight(weight), bias(bias), active(!coef.empty()) {
+      : g(g), weight(weight), bias(bias), granularity(granularity), active(!coef.empty()) {
     if (!active) return;
     TORCH_CHECK(coef.size() == 3, "penalty: expected [group_size, l0, weight_decay] or [], got ",
                 coef.size(), " values");
@@ -257,24 +258,34 @@ struct LayerPenalty {
     w = is_weight(granularity) ? wc.view(-1) : granularity == "in" ? wc.view({n, k, 1}) : wc.view({1, n, k});
   }
 
-  Tensor value() const {
-    Tensor p = l0_penalty(g.phi, w, g.family, g.params, group_size, l0, weight_decay, false);
+  // The penalty, 0-dim; sumsq: q = ||W_g||² per unit [P] of "in"/"out" gates with weight decay
+  // (else undefined), for backward.
+  Tensor value(Tensor& sumsq) const {
+    Tensor p = w.has_value() && !is_weight(granularity)
+                   ? l0_penalty_grouped(g.phi, *w, g.family, g.params, group_size, l0, weight_decay, sumsq)
+                   : l0_penalty(g.phi, w, g.family, g.params, group_size, l0, weight_decay, false);
     if (bias.has_value() && weight_decay != 0) {
       p = p + bias->to(p.scalar_type()).square().sum() * (weight_decay / 2);
     }
     return p;
   }
 
-  // d phi [P] (phi's dtype), and dW [N, K] when need_w and W is in the penalty (else undefined).
-  std::tuple<Tensor, Tensor> backward(const Tensor& grad, bool need_w) const {
+  // d phi [P] (phi's dtype), and dW [N, K] when need_w and W is in the penalty (else undefined);
+  // sumsq: value's q where the forward kept it (else undefined: computed again from W).
+  std::tuple<Tensor, Tensor> backward(const Tensor& grad, bool need_w, const Tensor& sumsq) const {
     Tensor dphi = at::empty_like(g.phi), dw;
     std::optional<Tensor> dw_grouped;
     if (need_w && w.has_value()) {
       dw = at::empty(weight.sizes(), weight.options());
       dw_grouped = dw.view(w->sizes());
     }
-    l0_penalty_backward(grad, g.phi, w, g.family, g.params, group_size, l0, weight_decay, false,
-                        dphi, dw_grouped);
+    if (sumsq.defined()) {
+      l0_penalty_backward_grouped(grad, g.phi, *w, sumsq, g.family, g.params, group_size, l0,
+                                  weight_decay, dphi, dw_grouped);
+    } else {
+      l0_penalty_backward(grad, g.phi, w, g.family, g.params, group_size, l0, weight_decay, false,
+                          dphi, dw_grouped);
+    }
     return {dphi, dw};
   }
 
@@ -353,11 +364,24 @@ std::tuple<Tensor, Tensor, Tensor> gated_linear(
     const Tensor& seed, const Tensor& offset, int64_t family, c10::ArrayRef<double> params,
     c10::string_view granularity, bool training, bool paired, bool keep_sample,
     double compact_below, c10::ArrayRef<double> penalty_coef) {
+  Tensor penalty_sumsq;
+  return gated_linear_with_sumsq(x, weight, bias, phi, seed, offset, family, params, granularity,
+                                 training, paired, keep_sample, compact_below, penalty_coef,
+                                 penalty_sumsq);
+}
+
+// gated_linear, also handing back the penalty's q = ||W_g||² per unit [P] where it computed one
+// ("in"/"out" gates with weight decay; else undefined) for gated_linear_backward_with_sumsq.
+std::tuple<Tensor, Tensor, Tensor> gated_linear_with_sumsq(
+    const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& phi,
+    const Tensor& seed, const Tensor& offset, int64_t family, c10::ArrayRef<double> params,
+    c10::string_view granularity, bool training, bool paired, bool keep_sample,
+    double compact_below, c10::ArrayRef<double> penalty_coef, Tensor& penalty_sumsq) {
   check_layer(x, weight, bias, phi, granularity, family, training, paired, keep_sample);
   const Gates g{flat(phi), seed, offset, family, params, training};
   auto [y, aux] = layer_forward(x, weight, bias, g, granularity, paired, keep_sample, compact_below);
   const LayerPenalty pen(penalty_coef, g, weight, bias, granularity);
-  return {y, aux, pen.active ? pen.value() : at::empty({0}, phi.options())};
+  return {y, aux, pen.active ? pen.value(penalty_sumsq) : at::empty({0}, phi.options())};
 }
 
 // A kept sample s [N, K] drawn again from (seed, offset): the same bits as the forward's.
@@ -377,6 +401,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward(
     const Tensor& offset, const Tensor& aux, int64_t family, c10::ArrayRef<double> params,
     c10::string_view granularity, bool training, bool paired, bool keep_sample,
     double compact_below, c10::ArrayRef<double> penalty_coef, std::array<bool, 4> needs) {
+  return gated_linear_backward_with_sumsq(grad_y, grad_penalty, x, weight, bias, phi, seed, offset,
+                                          aux, family, params, granularity, training, paired,
+                                          keep_sample, compact_below, penalty_coef, needs, Tensor());
+}
+
+// gated_linear_backward with the forward's penalty_sumsq (gated_linear_with_sumsq; undefined:
+// the penalty's backward computes q from W again).
+std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward_with_sumsq(
+    const Tensor& grad_y, const std::optional<Tensor>& grad_penalty, const Tensor& x,
+    const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& phi, const Tensor& seed,
+    const Tensor& offset, const Tensor& aux, int64_t family, c10::ArrayRef<double> params,
+    c10::string_view granularity, bool training, bool paired, bool keep_sample,
+    double compact_below, c10::ArrayRef<double> penalty_coef, std::array<bool, 4> needs,
+    const Tensor& penalty_sumsq) {
   check_layer(x, weight, bias, phi, granularity, family, training, paired, keep_sample);
   const auto [need_x, need_w, need_b, want_phi] = needs;
   const bool need_phi = want_phi && family != kBinary;  // Binary: no pathwise gradient
@@ -384,7 +422,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward(
   const LayerPenalty pen(penalty_coef, g, weight, bias, granularity);
   const bool penalized = pen.active && grad_penalty.has_value() && grad_penalty->defined();
   Tensor pen_dphi, pen_dw;  // the penalty's d phi [P] and dW [N, K]: the task's are added in
-  if (penalized) std::tie(pen_dphi, pen_dw) = pen.backward(*grad_penalty, need_w);
+  if (penalized) std::tie(pen_dphi, pen_dw) = pen.backward(*grad_penalty, need_w, penalty_sumsq);
   // dW = a·b (+ the penalty's), or the same scattered into the columns (dim 1) / rows (dim 0) idx
   auto weight_grad = [&](const Tensor& a, const Tensor& b) {
     return pen_dw.defined() ? pen_dw.addmm_(a, b) : a.mm(b);

@@ -46,6 +46,16 @@ void l0_penalty_backward(const at::Tensor& grad, const at::Tensor& phi,
                          c10::ArrayRef<double> params, double group_size, double l0,
                          double weight_decay, bool sumsq, const at::Tensor& grad_phi,
                          const std::optional<at::Tensor>& grad_weight);
+// The same for grouped weights [A, P, B], with q = grouped_sumsq(W) [P] handed from the forward
+// to the backward (GatedLinear's penalty, csrc/cpu/gated_linear.cpp).
+at::Tensor l0_penalty_grouped(const at::Tensor& phi, const at::Tensor& weight, int64_t family,
+                              c10::ArrayRef<double> params, double group_size, double l0,
+                              double weight_decay, at::Tensor& q);
+void l0_penalty_backward_grouped(const at::Tensor& grad, const at::Tensor& phi,
+                                 const at::Tensor& weight, const at::Tensor& q, int64_t family,
+                                 c10::ArrayRef<double> params, double group_size, double l0,
+                                 double weight_decay, const at::Tensor& grad_phi,
+                                 const std::optional<at::Tensor>& grad_weight);
 // Its Autograd kernel (csrc/cpu/autograd.cpp): the backward is a C++ node.
 at::Tensor l0_penalty_autograd(const at::Tensor& phi, const std::optional<at::Tensor>& weight,
                                int64_t family, c10::ArrayRef<double> params, double group_size,
@@ -94,6 +104,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
     c10::ArrayRef<double> params, c10::string_view granularity, bool training, bool paired,
     bool keep_sample, double compact_below, c10::ArrayRef<double> penalty_coef,
     std::array<bool, 4> needs);
+// The same pair handing the penalty's q = ||W_g||² per unit [P] from the forward to the backward
+// (the C++ autograd node, csrc/cpu/autograd.cpp): the backward then reads W once fewer.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_linear_with_sumsq(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& phi, const at::Tensor& seed, const at::Tensor& offset, int64_t family,
+    c10::ArrayRef<double> params, c10::string_view granularity, bool training, bool paired,
+    bool keep_sample, double compact_below, c10::ArrayRef<double> penalty_coef,
+    at::Tensor& penalty_sumsq);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward_with_sumsq(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_penalty, const at::Tensor& x,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& phi,
+    const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& aux, int64_t family,
+    c10::ArrayRef<double> params, c10::string_view granularity, bool training, bool paired,
+    bool keep_sample, double compact_below, c10::ArrayRef<double> penalty_coef,
+    std::array<bool, 4> needs, const at::Tensor& penalty_sumsq);
 // A kept sample drawn again for a second backward of the autograd node (retain_graph).
 at::Tensor redraw_kept_sample(const at::Tensor& weight, const at::Tensor& phi,
                               const at::Tensor& seed, const at::Tensor& offset,

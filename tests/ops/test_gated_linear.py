@@ -376,6 +376,31 @@ def test_kept_sample_reused_for_dphi(phi_dtype):
 
 
 @pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
+@pytest.mark.parametrize("granularity", ["in", "out"])
+@pytest.mark.parametrize("paired", [False, True], ids=["plain", "paired"])
+def test_penalty_sumsq_kept_for_the_backward(granularity, paired):
+    """The C++ layer's autograd node keeps its penalty's q = ||W_g||² per unit from the forward
+    for the backward (csrc/cpu/gated_linear.cpp, gated_linear_with_sumsq): the gradients are the
+    bits of gated_linear_backward, which computes q from W again."""
+    from npn_kernels import _ext
+
+    x, weight, bias, phi = _inputs(8, 37, 11, granularity, torch.float32)
+    seed, offset = rng_tensors(3, 7, "cpu")
+    coef = [float(11 if granularity == "in" else 37), 1e-3, 0.05]  # group size, l0, weight decay
+    args = (seed, offset, 0, [5.0], granularity, True, paired, False, 0.5, coef)
+    gen = torch.Generator().manual_seed(6)
+    grad_y, grad_p = torch.randn(8, 11, generator=gen), torch.tensor(1.7)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, phi)]
+    y, _, p = _ext.ops.gated_linear(*leaves, *args)
+    got = torch.autograd.grad((y, p), leaves, (grad_y, grad_p))
+    _, aux, _ = _ext.ops.gated_linear(x, weight, bias, phi, *args)
+    want = _ext.ops.gated_linear_backward(grad_y, grad_p, x, weight, bias, phi, seed, offset, aux, 0, [5.0],
+                                          granularity, True, paired, False, 0.5, coef, [True] * 4)  # fmt: skip
+    for name, a, b in zip(("x", "weight", "bias", "phi"), got, want):
+        assert torch.equal(a, b), f"d{name}"
+
+
+@pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
 def test_kept_wz_reused_only_while_the_workspace_holds_it():
     """The backward of a HardConcrete weight layer multiplies dy by the W ⊙ z its forward left in
     the thread's workspace (csrc/cpu/gated_linear.cpp, Workspace::holds) only while it is still
