@@ -22,6 +22,7 @@ TORCH_LIBRARY_IMPL(npn_ext, CPU, m) {
   m.impl("gated_linear", &npn::cpu::gated_linear);
   m.impl("gated_linear_backward", &npn::cpu::gated_linear_backward);
   m.impl("arm_surrogate", &npn::cpu::arm_surrogate);
+  m.impl("doubled", &npn::cpu::doubled);
 }
 
 // Ops whose backward is a C++ autograd node (no Python between forward and backward).

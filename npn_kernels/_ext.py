@@ -71,6 +71,9 @@ _LIB.define(
 # ARM's surrogate of npn.objective (csrc/cpu/autograd.cpp): a 0-dim zero whose gradient in phis[i]
 # is ks[i]·grad·diff·(us[i] − halves[i]); CPU tensors.
 _LIB.define("arm_surrogate(Tensor diff, float[] ks, float[] halves, Tensor[] phis, Tensor[] us) -> Tensor")
+# [x; x] for npn.objective's paired pass, recorded so that the first layer's op knows its halves
+# are equal without comparing them (csrc/cpu/paired.cpp); CPU tensors.
+_LIB.define("doubled(Tensor x) -> Tensor")
 _LIB.define("build_info() -> str")
 _LIB.define("parallel_threads(int n) -> int")
 

@@ -90,6 +90,7 @@ std::tuple<at::Tensor, at::Tensor> paired_gates(const at::Tensor& phi, const at:
                                                 c10::ArrayRef<double> params, at::ScalarType dtype);
 void scale_halves(const at::Tensor& x, const at::Tensor& z, int64_t m, const at::Tensor& out);
 bool same_halves(const at::Tensor& x, int64_t m);
+at::Tensor doubled(const at::Tensor& x);
 std::tuple<at::Tensor, at::Tensor> changed_units(const at::Tensor& x1, const at::Tensor& w,
                                                  const at::Tensor& z, double compact_below);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_linear(

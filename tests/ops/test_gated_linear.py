@@ -376,6 +376,32 @@ def test_kept_sample_reused_for_dphi(phi_dtype):
 
 
 @pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
+def test_doubled_batch_vouches_for_its_halves_only_while_unmodified():
+    """npn_ext.doubled builds [x; x] and records it, so that a paired C++ layer on that very batch
+    takes its halves as equal without comparing them. Once the batch is written in place (its
+    version moved), the layer compares them again and computes the halves it now holds."""
+    from npn_kernels import _ext
+
+    x, weight, bias, phi = _inputs(6, 29, 7, "in", torch.float32)
+    seed, offset = _rng()
+    gate = npn.Binary(3.0)
+
+    def layer(batch):
+        with npn.backends.use("cpu"):
+            return npn.ops.gated_linear(batch, weight, bias, phi, gate, "in", seed=seed, offset=offset, paired=True)
+
+    def oracle(batch):
+        return _oracle(batch, weight, bias, phi, gate, "in", seed, offset, True, "batch", True)[0]
+
+    rtol, atol = TOL[torch.float32]
+    xx = _ext.ops.doubled(x)
+    assert torch.equal(xx, torch.cat([x, x]))
+    torch.testing.assert_close(layer(xx), oracle(xx.clone()), rtol=rtol * 10, atol=atol * 10)
+    xx[6:].mul_(2)  # the second half changes in place: the record no longer vouches for it
+    torch.testing.assert_close(layer(xx), oracle(xx.clone()), rtol=rtol * 10, atol=atol * 10)
+
+
+@pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
 @pytest.mark.parametrize("granularity", ["in", "out"])
 @pytest.mark.parametrize("paired", [False, True], ids=["plain", "paired"])
 def test_penalty_sumsq_kept_for_the_backward(granularity, paired):

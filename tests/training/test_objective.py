@@ -307,6 +307,28 @@ def test_paired_pass_error_says_the_batch_was_doubled():
 
 
 @pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
+@pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
+def test_paired_batch_from_doubled_matches_cat(monkeypatch):
+    """On the cpu backend the paired batch comes from npn_ext.doubled, whose halves the first
+    layer takes as equal without comparing them: the loss and every gradient are the bits of the
+    same step on torch.cat's batch (compared)."""
+    import importlib
+
+    objective_module = importlib.import_module("npn_kernels.training.objective")
+    x, target = torch.randn(6, 6), torch.randint(0, 3, (6,))
+    results = []
+    for doubled in (objective_module._doubled, lambda inputs: torch.cat([inputs, inputs])):
+        monkeypatch.setattr(objective_module, "_doubled", doubled)
+        torch.manual_seed(3)
+        model = _mlp()
+        with npn.backends.use("cpu"):
+            loss = npn.objective(model, F.cross_entropy, x, target)
+        loss.backward()
+        results.append([loss.detach(), *(p.grad for p in model.parameters())])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_arm_surrogate_nodes_agree(monkeypatch):
     """ARM's surrogate has a C++ node (eager calls on the cpu backend) and a Python Function (other
     backends, torch.compile): the same phi gradients bit for bit, in phi's dtype, for several
