@@ -262,7 +262,8 @@ struct LayerPenalty {
   // (else undefined), for backward.
   Tensor value(Tensor& sumsq) const {
     Tensor p = w.has_value() && !is_weight(granularity)
-                   ? l0_penalty_grouped(g.phi, *w, g.family, g.params, group_size, l0, weight_decay, sumsq)
+                   ? l0_penalty_grouped(g.phi, *w, g.family, g.params, group_size, l0,
+                                        weight_decay, sumsq)
                    : l0_penalty(g.phi, w, g.family, g.params, group_size, l0, weight_decay, false);
     if (bias.has_value() && weight_decay != 0) {
       p = p + bias->to(p.scalar_type()).square().sum() * (weight_decay / 2);
@@ -403,7 +404,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward(
     double compact_below, c10::ArrayRef<double> penalty_coef, std::array<bool, 4> needs) {
   return gated_linear_backward_with_sumsq(grad_y, grad_penalty, x, weight, bias, phi, seed, offset,
                                           aux, family, params, granularity, training, paired,
-                                          keep_sample, compact_below, penalty_coef, needs, Tensor());
+                                          keep_sample, compact_below, penalty_coef, needs,
+                                          Tensor());
 }
 
 // gated_linear_backward with the forward's penalty_sumsq (gated_linear_with_sumsq; undefined:

@@ -562,8 +562,9 @@ void l0_penalty_backward(const at::Tensor& grad, const at::Tensor& phi,
     gw = grad_weight->view(w.sizes());
   }
   if (is_grouped(w, phi)) {
-    l0_penalty_backward_grouped(grad, phi, w, grouped_sumsq(w, phi), family, params, group_size, l0,
-                                weight_decay, grad_phi, has_gw ? std::optional<at::Tensor>(gw) : std::nullopt);
+    l0_penalty_backward_grouped(grad, phi, w, grouped_sumsq(w, phi), family, params, group_size,
+                                l0, weight_decay, grad_phi,
+                                has_gw ? std::optional<at::Tensor>(gw) : std::nullopt);
     return;
   }
   const int64_t n = phi.numel();
@@ -597,8 +598,8 @@ at::Tensor l0_penalty_grouped(const at::Tensor& phi, const at::Tensor& weight, i
                               double weight_decay, at::Tensor& q) {
   check_phi(phi);
   const at::Tensor w = checked_weight(weight, phi);
-  TORCH_CHECK(is_grouped(w, phi), "weight: expected grouped weights [A, ", phi.numel(), ", B], got ",
-              w.sizes());
+  TORCH_CHECK(is_grouped(w, phi), "weight: expected grouped weights [A, ", phi.numel(),
+              ", B], got ", w.sizes());
   q = grouped_sumsq(w, phi);
   return l0_penalty(phi.to(q.scalar_type()), q, family, params, group_size, l0, weight_decay, true);
 }

@@ -138,7 +138,8 @@ struct DoubledRecord {
 
   // Whether x [2m, ...] is that batch, unmodified since: its halves are then equal.
   bool holds(const at::Tensor& x) const {
-    return storage.has_value() && storage->_unsafe_get_target() == x.storage().unsafeGetStorageImpl() &&
+    return storage.has_value() &&
+           storage->_unsafe_get_target() == x.storage().unsafeGetStorageImpl() &&
            x.const_data_ptr() == data && x.numel() == numel && x._version() == version &&
            x.is_contiguous();
   }
