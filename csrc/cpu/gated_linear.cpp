@@ -24,6 +24,7 @@
 
 #include "npn/gates.h"
 #include "npn_cpu.h"
+#include "stamp.h"
 
 namespace npn::cpu {
 
@@ -75,20 +76,13 @@ struct Gates {
 // forward + backward, measured 2026-11-24).
 struct Workspace {
   Tensor buffer;  // bytes
-  // Whose W ⊙ z the buffer holds when a keep_sample forward wrote it last: its sample s (a weak
-  // reference: a storage freed and allocated again cannot pass for it), at s's and W's versions.
+  // Whose W ⊙ z the buffer holds when a keep_sample forward wrote it last: its sample s and W.
   // The backward of that call multiplies dy by it for dx instead of writing W ⊙ z again: one
   // 4 MB stream fewer, ~0.12 ms of a ~5 ms C2 step (2026-11-25). Any other use clears it.
-  std::optional<c10::weak_intrusive_ptr<c10::StorageImpl>> sample;
-  const void* weight = nullptr;
-  int64_t sample_version = -1, weight_version = -1;
+  TensorStamp sample, weight;
 
   // Whether the buffer holds the W ⊙ z of sample s [N, K] and w [N, K], as the forward wrote it.
-  bool holds(const Tensor& s, const Tensor& w) const {
-    return sample.has_value() && sample->_unsafe_get_target() == s.storage().unsafeGetStorageImpl() &&
-           s._version() == sample_version && w.const_data_ptr() == weight &&
-           w._version() == weight_version;
-  }
+  bool holds(const Tensor& s, const Tensor& w) const { return sample.matches(s) && weight.matches(w); }
 };
 
 Workspace& workspace() {
@@ -113,7 +107,7 @@ Tensor workspace_like(const Tensor& w) {
   const int64_t bytes = w.numel() * static_cast<int64_t>(w.element_size());
   if (bytes > kWorkspaceMaxBytes) return at::empty_like(w);
   Workspace& ws = workspace();
-  ws.sample.reset();
+  ws.sample.clear();
   if (!ws.buffer.defined() || ws.buffer.numel() < bytes) {
     ws.buffer = at::empty({bytes}, w.options().dtype(at::kByte));
   }
@@ -138,7 +132,7 @@ Tensor open_units(const Tensor& z, double compact_below) {
     const scalar_t* zp = zc.const_data_ptr<scalar_t>();
     for (int64_t i = 0; i < zc.numel(); ++i) open += static_cast<float>(zp[i]) != 0.0f;
   });
-  if (!(static_cast<double>(open) < compact_below * static_cast<double>(zc.numel()))) return Tensor();
+  if (!gathers(open, zc.numel(), compact_below)) return Tensor();
   return zc.nonzero().view(-1);
 }
 
@@ -306,10 +300,8 @@ std::tuple<Tensor, Tensor> sample_weight_gates(const Tensor& w, const Gates& g) 
   hc_gate_mul(w.view(-1), g.phi, g.seed, g.offset, g.params, wz.view(-1), s.view(-1));
   Workspace& ws = workspace();
   if (ws.buffer.defined() && wz.const_data_ptr() == ws.buffer.const_data_ptr()) {
-    ws.sample = s.storage().getWeakStorageImpl();
-    ws.sample_version = s._version();
-    ws.weight = w.const_data_ptr();
-    ws.weight_version = w._version();
+    ws.sample.set(s);
+    ws.weight.set(w);
   }
   return {wz, s};
 }
@@ -465,7 +457,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward_with_sumsq(
     hc_gate_mul_backward(gw.view(-1), w.view(-1), aux.view(-1), g.phi, params, flat(dw),
                          flat(dphi), kept ? std::nullopt : flat(wz));
     if (need_x) dx = input_grad(dy, wz, true);
-    workspace().sample.reset();  // s may now hold d phi
+    workspace().sample.clear();  // s may now hold d phi
     if (need_w && pen_dw.defined()) dw.add_(pen_dw);
   } else {
     const Tensor z = g.vector(false).to(x.scalar_type());

@@ -88,6 +88,11 @@ void hc_gate_mul_backward(const at::Tensor& grad, const at::Tensor& a, const at:
 std::tuple<at::Tensor, at::Tensor> paired_gates(const at::Tensor& phi, const at::Tensor& seed,
                                                 const at::Tensor& offset,
                                                 c10::ArrayRef<double> params, at::ScalarType dtype);
+// Whether a structured layer gathers its open units into a smaller GEMM: fewer than
+// compact_below of them are open (function.py's COMPACT_BELOW and _gathers).
+inline bool gathers(int64_t open, int64_t units, double compact_below) {
+  return static_cast<double>(open) < compact_below * static_cast<double>(units);
+}
 void scale_halves(const at::Tensor& x, const at::Tensor& z, int64_t m, const at::Tensor& out);
 bool same_halves(const at::Tensor& x, int64_t m);
 at::Tensor doubled(const at::Tensor& x);

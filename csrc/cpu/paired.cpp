@@ -7,13 +7,13 @@
 
 #include <algorithm>
 #include <cstring>
-#include <optional>
 #include <tuple>
 #include <vector>
 
 #include "blocks.h"
 #include "dispatch.h"
 #include "npn_cpu.h"
+#include "stamp.h"
 
 namespace npn::cpu {
 
@@ -107,8 +107,7 @@ std::tuple<at::Tensor, at::Tensor> changed_units(const at::Tensor& x1, const at:
         d.push_back(zp[k + j] - zp[j]);  // +-1: exact in every dtype
       }
     }
-    const bool compacts = static_cast<double>(open) < compact_below * static_cast<double>(k);
-    if (static_cast<int64_t>(idx.size()) >= (compacts ? open : k)) return;
+    if (static_cast<int64_t>(idx.size()) >= (gathers(open, k, compact_below) ? open : k)) return;
     const at::Tensor xc = x1.contiguous(), wc = w.contiguous();
     const auto c = static_cast<int64_t>(idx.size());
     xd = at::empty({m, c}, x1.options());
@@ -129,25 +128,10 @@ std::tuple<at::Tensor, at::Tensor> changed_units(const at::Tensor& x1, const at:
 
 namespace {
 
-// The batch [x; x] that doubled() built last on this thread: its storage (a weak reference: a
-// storage freed and allocated again cannot pass for it), data pointer, size and version.
-struct DoubledRecord {
-  std::optional<c10::weak_intrusive_ptr<c10::StorageImpl>> storage;
-  const void* data = nullptr;
-  int64_t numel = 0, version = -1;
-
-  // Whether x [2m, ...] is that batch, unmodified since: its halves are then equal.
-  bool holds(const at::Tensor& x) const {
-    return storage.has_value() &&
-           storage->_unsafe_get_target() == x.storage().unsafeGetStorageImpl() &&
-           x.const_data_ptr() == data && x.numel() == numel && x._version() == version &&
-           x.is_contiguous();
-  }
-};
-
-DoubledRecord& doubled_record() {
-  thread_local DoubledRecord record;
-  return record;
+// The batch [x; x] that doubled() built last on this thread.
+TensorStamp& doubled_stamp() {
+  thread_local TensorStamp stamp;
+  return stamp;
 }
 
 }  // namespace
@@ -158,11 +142,7 @@ DoubledRecord& doubled_record() {
 at::Tensor doubled(const at::Tensor& x) {
   TORCH_CHECK(x.dim() >= 1, "x: expected a batch [B, ...], got a 0-dim tensor");
   at::Tensor y = at::cat({x, x});
-  DoubledRecord& record = doubled_record();
-  record.storage = y.storage().getWeakStorageImpl();
-  record.data = y.const_data_ptr();
-  record.numel = y.numel();
-  record.version = y._version();
+  doubled_stamp().set(y);
   return y;
 }
 
@@ -170,7 +150,8 @@ at::Tensor doubled(const at::Tensor& x) {
 // an ARM pass sees [x; x] itself. Bits, not values: equal bits give the same products, and
 // memcmp reads the 400 KB of a 128x784 float32 half in ~15 us where at::equal took ~45 us.
 bool same_halves(const at::Tensor& x, int64_t m) {
-  if (doubled_record().holds(x)) return true;
+  // that batch, unmodified since, or a contiguous view of all of it: its halves are equal
+  if (x.is_contiguous() && doubled_stamp().matches(x)) return true;
   if (!x.is_contiguous()) return at::equal(x.narrow(0, 0, m), x.narrow(0, m, m));
   const size_t half = static_cast<size_t>(m * x.size(1)) * x.element_size();
   const char* p = static_cast<const char*>(x.const_data_ptr());

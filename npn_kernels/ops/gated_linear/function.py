@@ -47,7 +47,12 @@ def _open_units(z: Tensor) -> Tensor | None:
     nonzero() sizes its result on the host: one device-to-host sync per call (~10 µs on a GPU).
     """
     idx = z.nonzero().view(-1)
-    return idx if idx.numel() < COMPACT_BELOW * z.numel() else None
+    return idx if _gathers(idx.numel(), z.numel()) else None
+
+
+def _gathers(open_units: int, units: int) -> bool:
+    """Whether a structured layer gathers its open units into a smaller GEMM (COMPACT_BELOW)."""
+    return open_units < COMPACT_BELOW * units
 
 
 def _fused(x: Tensor):
@@ -105,8 +110,8 @@ def _paired_same_input(g: LayerGates, x1, weight, bias, granularity, z):
     _in_forward(x1, weight, bias, z[0], out=y[:m])
     d = z[1] - z[0]
     changed = d.nonzero().view(-1)
-    units, open_ = z.shape[1], int(z[1].count_nonzero())
-    if changed.numel() < (open_ if open_ < COMPACT_BELOW * units else units):
+    units, opened = z.shape[1], int(z[1].count_nonzero())
+    if changed.numel() < (opened if _gathers(opened, units) else units):
         torch.addmm(y[:m], x1.index_select(1, changed) * d[changed], weight.index_select(1, changed).t(), out=y[m:])
     else:
         _in_forward(x1, weight, bias, z[1], out=y[m:])
