@@ -24,10 +24,9 @@ class Target:
     value: float
     versus: str | None = None  # default: the case's baseline
 
-    def check(self, medians: dict[str, float], baseline: str) -> tuple[float, bool]:
-        """(the ratio, whether it meets the target)."""
-        ratio = medians[self.variant] / medians[self.versus or baseline]
-        return ratio, (ratio <= self.value if self.op == "<=" else ratio >= self.value)
+    def met(self, ratio: float) -> bool:
+        """Whether time(variant) / time(versus) = ratio meets the target."""
+        return ratio <= self.value if self.op == "<=" else ratio >= self.value
 
     def describe(self, baseline: str) -> str:
         return f"{self.op} {self.value:.3g}x {self.versus or baseline}"

@@ -1,7 +1,12 @@
 """Times registered cases: variants interleaved in one process, medians, ratios, JSON.
 
 Interleaving (v1, v2, v1, v2, ...) rather than timing one variant after another keeps slow
-drifts of the machine (turbo, other load) out of the ratios.
+drifts of the machine (turbo, other load) out of the ratios. A ratio is the median over rounds
+of the two variants' samples in the same round, not the ratio of their medians: this VM switches
+between a fast and a slow mode about once a second (every op ~65% slower in the slow one,
+2026-11-25), so medians taken over different rounds could each come from a different mode. Row
+C4 (`-k C4`) read 1.40-2.13x dense as a ratio of medians in earlier runs; as same-round ratios,
+with the order of time_case, three runs gave 1.534, 1.542, 1.548 (2026-11-25).
 """
 
 from __future__ import annotations
@@ -66,8 +71,15 @@ def time_case(case: Case, *, small: bool, rounds: int, min_seconds: float) -> li
         fn()
     calls = {name: _calls_per_sample(fn, min_seconds) for name, fn in variants.items()}
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
+    # the baseline, then the variants of each target next to what they are compared with: the
+    # two samples of a ratio are taken back to back (row C4's reference variant, 6x the others'
+    # time, sat between "npn cpu" and its baseline)
+    named = [case.baseline] + [n for t in case.targets for n in (t.variant, t.versus) if n]
+    order = list(dict.fromkeys([n for n in named if n in variants] + list(variants)))
+    for r in range(rounds):
+        # every other round backwards: no variant always runs right after the same other one
+        for name in order if r % 2 == 0 else order[::-1]:
+            fn = variants[name]
             _sync()
             start = time.perf_counter()
             for _ in range(calls[name]):
@@ -75,21 +87,25 @@ def time_case(case: Case, *, small: bool, rounds: int, min_seconds: float) -> li
             _sync()
             samples[name].append((time.perf_counter() - start) / calls[name])
     medians = {name: statistics.median(values) for name, values in samples.items()}
-    base = medians[case.baseline]
+
+    def ratio(name: str, versus: str) -> float:
+        """Median over rounds of time(name) / time(versus) in the same round."""
+        return statistics.median(a / b for a, b in zip(samples[name], samples[versus]))
+
     nbytes = case.bytes_moved(small) if case.bytes_moved else None
     rows = []
     for name, median in medians.items():
         checks = []
         for target in (t for t in case.targets if t.variant == name and (t.versus or case.baseline) in medians):
-            ratio, ok = target.check(medians, case.baseline)
-            checks.append({"target": target.describe(case.baseline), "ratio": ratio, "ok": ok})
+            value = ratio(name, target.versus or case.baseline)
+            checks.append({"target": target.describe(case.baseline), "ratio": value, "ok": target.met(value)})
         rows.append(
             {
                 "case": case.name,
                 "row": case.row,
                 "variant": name,
                 "median_ms": median * 1e3,
-                "ratio": median / base,
+                "ratio": ratio(name, case.baseline),
                 "targets": checks,
                 "ok": None if not checks else all(c["ok"] for c in checks),
                 "gb_per_s": None if nbytes is None else nbytes / median / 1e9,

@@ -45,3 +45,21 @@ def test_bench_results_name():
     assert results_name("cpu", None, True) == "cpu-small.json"
     assert results_name("NVIDIA H100 80GB HBM3", None, False) == "NVIDIA_H100_80GB_HBM3.json"
     assert results_name("GPU (a/b)", None, False) == "GPU_a_b_.json"
+
+
+def test_bench_rounds_put_each_target_next_to_its_comparison():
+    """A target's two variants run back to back, every other round in reverse order (calls 4-7:
+    the one call each that sizes a sample)."""
+    from bench.registry import Case, Target
+
+    calls: list[str] = []
+
+    def make(small):
+        return {name: (lambda name=name: calls.append(name)) for name in ("base", "other", "slow", "fast")}
+
+    case = Case(name="order", row="", description="", baseline="base", make=make,
+                targets=(Target("fast", "<=", 1e9), Target("fast", "<=", 1e9, versus="slow")))  # fmt: skip
+    rows = runner.time_case(case, small=True, rounds=2, min_seconds=0.0)
+    assert calls[:4] == ["base", "other", "slow", "fast"]  # warm-up, in the case's order
+    assert calls[8:] == ["base", "fast", "slow", "other", "other", "slow", "fast", "base"]
+    assert all(r["ratio"] > 0 for r in rows) and all(c["ok"] for r in rows for c in r["targets"])
