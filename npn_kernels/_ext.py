@@ -68,9 +68,12 @@ _LIB.define(
     "bool training, bool paired, bool keep_sample, float compact_below, float[] penalty, bool[4] needs) "
     "-> (Tensor, Tensor, Tensor, Tensor)"
 )
-# ARM's surrogate of npn.objective (csrc/cpu/autograd.cpp): a 0-dim zero whose gradient in phis[i]
-# is ks[i]·grad·diff·(us[i] − halves[i]); CPU tensors.
-_LIB.define("arm_surrogate(Tensor diff, float[] ks, float[] halves, Tensor[] phis, Tensor[] us) -> Tensor")
+# ARM's surrogate of npn.objective (csrc/cpu/autograd.cpp): the sum of the 0-dim penalties (a zero
+# without any), whose gradient in phis[i] is also ks[i]·grad·diff·(us[i] − halves[i]); CPU tensors.
+_LIB.define(
+    "arm_surrogate(Tensor diff, float[] ks, float[] halves, Tensor[] phis, Tensor[] us, Tensor[] penalties) "
+    "-> Tensor"
+)
 # [x; x] for npn.objective's paired pass, recorded so that the first layer's op knows its halves
 # are equal without comparing them (csrc/cpu/paired.cpp); CPU tensors.
 _LIB.define("doubled(Tensor x) -> Tensor")

@@ -143,16 +143,28 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
   }
 };
 
-// ARM's surrogate (npn.objective, DESIGN 4.3): a 0-dim zero whose gradient in phis[i] is
-// ks[i]·grad·diff·(us[i] − halves[i]), in phi's dtype; us[i] (float32) has phis[i]'s shape. One
-// node for all layers, with the arithmetic of the three foreach calls of the Python Function
+// The sum of 0-dim penalties (p0 + p1 + ..., as torch adds them) in its dtype promoted with
+// diff's, a new tensor; a zero of diff's dtype when there are none.
+Tensor penalty_sum(const Tensor& diff, at::TensorList penalties) {
+  if (penalties.empty()) return at::zeros({}, diff.options());
+  Tensor total = penalties[0];
+  for (size_t i = 1; i < penalties.size(); ++i) total = total + penalties[i];
+  return total.to(at::promote_types(total.scalar_type(), diff.scalar_type()), false, true);
+}
+
+// ARM's surrogate (npn.objective, DESIGN 4.3): the sum of the layers' penalties (0-dim), whose
+// gradient in phis[i] is also ks[i]·grad·diff·(us[i] − halves[i]), in phi's dtype; us[i]
+// (float32) has phis[i]'s shape. The penalties pass through it rather than through three adds
+// of their own (~10 us each, forward and backward, 2026-11-25). One node for all layers, with
+// the arithmetic of the three foreach calls of the Python Function
 // (_ArmSurrogate in npn_kernels/training/objective.py) that torch.compile and the other backends
 // use, so both give the same bits. Why in C++: as a Python autograd.Function the node cost ~95 us
 // of a ~2.4 ms C4 step (a null Python node against none, 2026-11-25), most of it the engine's
 // call into Python.
 struct ArmSurrogateFunction : public torch::autograd::Function<ArmSurrogateFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& diff, std::vector<double> ks,
-                        std::vector<double> halves, at::TensorList phis, at::TensorList us) {
+                        std::vector<double> halves, at::TensorList phis, at::TensorList us,
+                        at::TensorList penalties) {
     TORCH_CHECK(phis.size() == ks.size() && us.size() == ks.size() && halves.size() == ks.size(),
                 "arm_surrogate: expected as many ks, halves, phis and us, got ", ks.size(), ", ",
                 halves.size(), ", ", phis.size(), ", ", us.size());
@@ -170,7 +182,13 @@ struct ArmSurrogateFunction : public torch::autograd::Function<ArmSurrogateFunct
     ctx->saved_data["ks"] = ks;
     ctx->saved_data["halves"] = halves;
     ctx->saved_data["dtypes"] = dtypes;
-    return at::zeros({}, diff.options());
+    std::vector<int64_t> penalty_dtypes;
+    for (const Tensor& p : penalties) {
+      TORCH_CHECK(p.dim() == 0, "arm_surrogate: expected 0-dim penalties, got ", p.sizes());
+      penalty_dtypes.push_back(static_cast<int64_t>(p.scalar_type()));
+    }
+    ctx->saved_data["penalty_dtypes"] = penalty_dtypes;
+    return penalty_sum(diff, penalties);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -196,11 +214,15 @@ struct ArmSurrogateFunction : public torch::autograd::Function<ArmSurrogateFunct
       for (int64_t j = 0; j < u.numel(); ++j) dp[j] = (up[j] + minus_half) * k * gd;
       dphis.push_back(d);
     }
-    // inputs: diff, ks, halves, phis..., us...
-    variable_list out(3 + 2 * n);
+    // inputs: diff, ks, halves, phis..., us..., penalties... (each gets grad, as through an add)
+    const std::vector<int64_t> penalty_dtypes = ctx->saved_data["penalty_dtypes"].toIntVector();
+    variable_list out(3 + 2 * n + penalty_dtypes.size());
     for (size_t i = 0; i < n; ++i) {
       const auto dtype = static_cast<at::ScalarType>(dtypes[i]);
       out[3 + i] = dphis[i].scalar_type() == dtype ? dphis[i] : dphis[i].to(dtype);
+    }
+    for (size_t i = 0; i < penalty_dtypes.size(); ++i) {
+      out[3 + 2 * n + i] = grads[0].to(static_cast<at::ScalarType>(penalty_dtypes[i]));
     }
     return out;
   }
@@ -228,17 +250,17 @@ std::tuple<Tensor, Tensor, Tensor> gated_linear_autograd(
   return {out[0], out[1], out[2]};
 }
 
-// npn_ext::arm_surrogate without autograd (no input needs a gradient): the zero itself.
+// npn_ext::arm_surrogate without autograd (no input needs a gradient): the penalties' sum.
 Tensor arm_surrogate(const Tensor& diff, c10::ArrayRef<double> ks, c10::ArrayRef<double> halves,
-                     at::TensorList phis, at::TensorList us) {
-  return at::zeros({}, diff.options());
+                     at::TensorList phis, at::TensorList us, at::TensorList penalties) {
+  return penalty_sum(diff, penalties);
 }
 
 // The Autograd kernel of npn_ext::arm_surrogate (registered in csrc/register.cpp).
 Tensor arm_surrogate_autograd(const Tensor& diff, c10::ArrayRef<double> ks,
                               c10::ArrayRef<double> halves, at::TensorList phis,
-                              at::TensorList us) {
-  return ArmSurrogateFunction::apply(diff, ks.vec(), halves.vec(), phis, us);
+                              at::TensorList us, at::TensorList penalties) {
+  return ArmSurrogateFunction::apply(diff, ks.vec(), halves.vec(), phis, us, penalties);
 }
 
 }  // namespace npn::cpu

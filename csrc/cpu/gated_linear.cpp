@@ -114,12 +114,16 @@ Tensor workspace_like(const Tensor& w) {
   return workspace_view(w);
 }
 
-// x ⊙ z for x [M, K] and z [K], in this thread's workspace: it lives across one GEMM. A fresh
-// 128x784 float32 product (400 KB) is above glibc's mmap threshold and page-faulted in anew on
-// every call: 123 us for the multiply instead of ~15 us (784→300 layer of row C4, 2026-11-25).
+// x ⊙ z for x [M, K] and z [K] (x's dtype), in this thread's workspace: it lives across one GEMM.
+// A fresh 128x784 float32 product (400 KB) is above glibc's mmap threshold and page-faulted in
+// anew on every call: 123 us for the multiply instead of ~15 us (784→300 layer of row C4,
+// 2026-11-25). scale_halves' loop, on both threads from 16K elements (at::mul_out's from 32K).
 Tensor scaled(const Tensor& x, const Tensor& z) {
-  Tensor out = workspace_like(x);
-  return at::mul_out(out, x, z);
+  TORCH_INTERNAL_ASSERT(z.scalar_type() == x.scalar_type() && z.numel() == x.size(1));
+  const Tensor xc = x.contiguous();
+  Tensor out = workspace_like(xc);
+  scale_halves(xc, z.contiguous(), xc.size(0), out);  // every row in the first "half": z
+  return out;
 }
 
 // Indices of the nonzero gates of z [P] when fewer than compact_below·P are open, else undefined
@@ -259,10 +263,23 @@ struct LayerPenalty {
                    ? l0_penalty_grouped(g.phi, *w, g.family, g.params, group_size, l0,
                                         weight_decay, sumsq)
                    : l0_penalty(g.phi, w, g.family, g.params, group_size, l0, weight_decay, false);
-    if (bias.has_value() && weight_decay != 0) {
-      p = p + bias->to(p.scalar_type()).square().sum() * (weight_decay / 2);
-    }
+    if (bias.has_value() && weight_decay != 0) p.add_(bias_sumsq() * (weight_decay / 2));
     return p;
+  }
+
+  // ||b||², accumulated in float64 in one loop: to/square/sum/mul/add were five ATen calls,
+  // ~8 us of a 100→10 layer's ~110 us op (2026-11-25).
+  double bias_sumsq() const {
+    const Tensor b = bias->contiguous();
+    double acc = 0;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "bias_sumsq", [&] {
+      const scalar_t* bp = b.const_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < b.numel(); ++i) {
+        const auto v = static_cast<double>(bp[i]);
+        acc += v * v;
+      }
+    });
+    return acc;
   }
 
   // d phi [P] (phi's dtype), and dW [N, K] when need_w and W is in the penalty (else undefined);

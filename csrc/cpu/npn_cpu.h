@@ -135,10 +135,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_linear_autograd(
     c10::ArrayRef<double> params, c10::string_view granularity, bool training, bool paired,
     bool keep_sample, double compact_below, c10::ArrayRef<double> penalty_coef);
 at::Tensor arm_surrogate(const at::Tensor& diff, c10::ArrayRef<double> ks,
-                         c10::ArrayRef<double> halves, at::TensorList phis, at::TensorList us);
+                         c10::ArrayRef<double> halves, at::TensorList phis, at::TensorList us,
+                         at::TensorList penalties);
 at::Tensor arm_surrogate_autograd(const at::Tensor& diff, c10::ArrayRef<double> ks,
                                   c10::ArrayRef<double> halves, at::TensorList phis,
-                                  at::TensorList us);
+                                  at::TensorList us, at::TensorList penalties);
 int64_t parallel_threads(int64_t n);
 
 }  // namespace npn::cpu

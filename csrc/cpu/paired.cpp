@@ -60,17 +60,21 @@ std::tuple<at::Tensor, at::Tensor> paired_gates(const at::Tensor& phi, const at:
   return {u, z};
 }
 
-// out [2m, K] = x [2m, K] with its first m rows scaled by z[0] and the rest by z[1] (z [2, K]
-// contiguous, x's dtype); out may be x. One pass: ATen's broadcast multiply of [2, m, K] by
-// [2, 1, K] took 62 us for the 256x100 input of row C4's last layer (2026-11-25), ~20x this loop.
+// out [R, K] = x [R, K] (contiguous) with its first m rows scaled by z[0] and the rest by z[1]
+// (z [2, K] contiguous, x's dtype; [K] when m = R); out may be x. One pass: ATen's broadcast
+// multiply of [2, m, K] by [2, 1, K] took 62 us for the 256x100 input of row C4's last layer
+// (2026-11-25), ~20x this loop.
 void scale_halves(const at::Tensor& x, const at::Tensor& z, int64_t m, const at::Tensor& out) {
   const int64_t rows = x.size(0), k = x.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scale_halves", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    // ~64K elements per task: below that a second thread costs more than it saves
-    at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{64} << 10) / std::max<int64_t>(1, k)),
+    // ~8K elements per task, both threads from 16K on: x's buffer was last read by the GEMM on
+    // both threads, and one thread writing all of it waits on the other core's copies of its
+    // lines (256x100 after a 2-thread GEMM: 11 us written by one thread, 4 us into a buffer the
+    // GEMM had not read, 2026-11-25)
+    at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{8} << 10) / std::max<int64_t>(1, k)),
                      [&](int64_t r0, int64_t r1) {
                        for (int64_t r = r0; r < r1; ++r) {
                          const scalar_t* zr = zp + (r < m ? 0 : k);
@@ -82,13 +86,16 @@ void scale_halves(const at::Tensor& x, const at::Tensor& z, int64_t m, const at:
   });
 }
 
+// Rows per task of changed_units' gathers.
+constexpr int64_t kGatherGrain = 32;
+
 // (x1[:, C] ⊙ (z' − z)[C] [m, |C|], W[:, C] [N, |C|]) over the units C where z' ≠ z (z [2, K],
 // x1 [m, K] and W [N, K] of one dtype): the operands of the correction that gives the second half
 // of a paired batch whose halves are equal (gated_linear.cpp, paired_same_input). Undefined
 // tensors when the correction would take more columns than the second half's own GEMM (|z'|
 // gathered columns when fewer than compact_below·K are open, else K): where pi ≈ 0.5, z' ≈ 1 − z
 // and C is nearly all units (row C4's MLP with every gate at pi = 0.5: 1.9× → 1.65× the dense
-// step, 2026-11-25). Gathered in one loop each: the ATen chain (sub, nonzero, three
+// step, 2026-11-25). Gathered in one parallel loop: the ATen chain (sub, nonzero, three
 // index_selects, mul) was ~20 us of calls around ~10 us of copying for row C4's first layer
 // (128x784, 2026-11-25).
 std::tuple<at::Tensor, at::Tensor> changed_units(const at::Tensor& x1, const at::Tensor& w,
@@ -116,12 +123,18 @@ std::tuple<at::Tensor, at::Tensor> changed_units(const at::Tensor& x1, const at:
     const scalar_t* wp = wc.const_data_ptr<scalar_t>();
     scalar_t* xo = xd.mutable_data_ptr<scalar_t>();
     scalar_t* wo = wd.mutable_data_ptr<scalar_t>();
-    for (int64_t r = 0; r < m; ++r) {
-      for (int64_t j = 0; j < c; ++j) xo[r * c + j] = xp[r * k + idx[j]] * d[j];
-    }
-    for (int64_t r = 0; r < n; ++r) {
-      for (int64_t j = 0; j < c; ++j) wo[r * c + j] = wp[r * k + idx[j]];
-    }
+    // both gathers in one loop over the rows of x1 and then W, on both threads: each row reads
+    // ~|C| scattered cache lines (all of W's 940 KB for row C4's first layer)
+    at::parallel_for(0, m + n, kGatherGrain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        if (r < m) {
+          for (int64_t j = 0; j < c; ++j) xo[r * c + j] = xp[r * k + idx[j]] * d[j];
+        } else {
+          const int64_t rw = r - m;
+          for (int64_t j = 0; j < c; ++j) wo[rw * c + j] = wp[rw * k + idx[j]];
+        }
+      }
+    });
   });
   return {xd, wd};
 }

@@ -460,11 +460,15 @@ def penalty(model: nn.Module) -> Tensor:
     return penalty_with(gated_modules(model), {})
 
 
+def penalty_terms(modules: list[GatedModule], computed: dict[GatedModule, Tensor]) -> list[Tensor]:
+    """The penalty of each of ``modules`` (a model's gated layers): the one the layer already
+    computed in a forward (its ``penalties``) as it is, else computed here."""
+    return [computed[m] if m in computed else m.penalty() for m in modules]
+
+
 def penalty_with(modules: list[GatedModule], computed: dict[GatedModule, Tensor]) -> Tensor:
-    """The penalty of ``modules`` (a model's gated layers), with the penalties the layers already
-    computed in a forward (their ``penalties``) taken as they are; the others compute theirs here."""
+    """The sum of :func:`penalty_terms` (0-dim; 0.0 without gated layers)."""
     total = None
-    for m in modules:
-        p = computed[m] if m in computed else m.penalty()
+    for p in penalty_terms(modules, computed):
         total = p if total is None else total + p
     return torch.zeros(()) if total is None else total

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_map
 
 from npn_kernels import _ext, backends
 from npn_kernels.gates import Binary
-from npn_kernels.nn.modules import GatedModule, gated_modules, penalty_with
+from npn_kernels.nn.modules import GatedModule, gated_modules, penalty_terms, penalty_with
 from npn_kernels.ops import eager
 
 Draws = dict[GatedModule, list[tuple[Tensor, int, Tensor | None]]]
@@ -62,19 +62,34 @@ def _scalar(loss: Tensor) -> Tensor:
     return loss if loss.dim() == 0 else loss.reshape(())  # a reshape is a view node in the backward
 
 
+def _penalty_sum(diff: Tensor, penalties: list[Tensor]) -> Tensor:
+    """p0 + p1 + ... (0-dim, as torch adds them) in its dtype promoted with diff's, a new tensor;
+    a zero of diff's dtype without penalties (csrc/cpu/autograd.cpp's penalty_sum)."""
+    if not penalties:
+        return diff.new_zeros(())
+    total = penalties[0]
+    for p in penalties[1:]:
+        total = total + p
+    return total.to(torch.promote_types(total.dtype, diff.dtype), copy=True)
+
+
 class _ArmSurrogate(torch.autograd.Function):
-    """0-dim zero whose gradient in phis[i] is ks[i]·diff·(us[i] − halves[i]) (in phi's dtype):
-    apply(diff, ks, halves, *phis, *us). Bookkeeping only, one node for all layers, and the
-    arithmetic happens in the backward, three foreach calls for all layers: in the forward it was
-    ~6 ATen calls per layer (row C4, 2026-11-25), then one subtraction per layer, ~30 us a step.
-    Eager calls on the cpu backend take the same node in C++ (npn_ext::arm_surrogate, see _arm)."""
+    """The layers' penalties summed (0-dim), whose gradient in phis[i] is also
+    ks[i]·diff·(us[i] − halves[i]) (in phi's dtype): apply(diff, ks, halves, *phis, *us,
+    *penalties). Bookkeeping only, one node for all layers, and the arithmetic happens in the
+    backward, three foreach calls for all layers: in the forward it was ~6 ATen calls per layer
+    (row C4, 2026-11-25), then one subtraction per layer, ~30 us a step. The penalties pass
+    through it instead of through adds of their own (~10 us each with their backward). Eager calls
+    on the cpu backend take the same node in C++ (npn_ext::arm_surrogate, see _arm)."""
 
     @staticmethod
     def forward(ctx, diff: Tensor, ks: tuple[float, ...], halves: tuple[float, ...], *tensors: Tensor) -> Tensor:
         n = len(ks)
+        penalties = tensors[2 * n :]
         ctx.ks, ctx.halves, ctx.dtypes = ks, halves, [phi.dtype for phi in tensors[:n]]
-        ctx.save_for_backward(diff, *tensors[n:])
-        return diff.new_zeros(())
+        ctx.penalty_dtypes = [p.dtype for p in penalties]
+        ctx.save_for_backward(diff, *tensors[n : 2 * n])
+        return _penalty_sum(diff, list(penalties))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -83,11 +98,13 @@ class _ArmSurrogate(torch.autograd.Function):
         torch._foreach_mul_(dphis, list(ctx.ks))
         torch._foreach_mul_(dphis, grad * diff)
         dphis = [d if d.dtype == dtype else d.to(dtype) for d, dtype in zip(dphis, ctx.dtypes)]
-        return (None, None, None, *dphis, *(None,) * len(us))
+        dpenalties = [grad.to(dtype) for dtype in ctx.penalty_dtypes]  # as through an add
+        return (None, None, None, *dphis, *(None,) * len(us), *dpenalties)
 
 
-def _surrogate(layers: list[GatedModule], draws: Draws, diff: Tensor) -> Tensor:
-    """Zero-valued scalar whose gradient in each layer's phi is ARM's c = k·(f(z') − f(z))·(u − 1/2).
+def _surrogate(layers: list[GatedModule], draws: Draws, diff: Tensor, penalties: list[Tensor]) -> Tensor:
+    """The sum of ``penalties`` (0-dim), whose gradient in each layer's phi is also ARM's
+    c = k·(f(z') − f(z))·(u − 1/2).
 
     Example noise draws one u per row and unit: each is its own Bernoulli variable with the same
     pi, so phi's estimate is the sum over rows of the per-variable ARM terms (still unbiased).
@@ -108,16 +125,17 @@ def _surrogate(layers: list[GatedModule], draws: Draws, diff: Tensor) -> Tensor:
                 ks.append(m.gate.k)
                 halves.append(half)
                 us.append(terms[0] if len(terms) == 1 else torch.stack(terms).sum(0))
-    return _arm(diff, ks, halves, phis, us) if phis else diff.new_zeros(())
+    return _arm(diff, ks, halves, phis, us, penalties)
 
 
-def _arm(diff: Tensor, ks: list[float], halves: list[float], phis: list[Tensor], us: list[Tensor]) -> Tensor:
+def _arm(diff: Tensor, ks: list[float], halves: list[float], phis: list[Tensor], us: list[Tensor],
+         penalties: list[Tensor]) -> Tensor:  # fmt: skip
     """The surrogate's node: C++ (csrc/cpu/autograd.cpp) for eager calls on the cpu backend, whose
     backward runs no Python (the Python node cost ~95 us of a ~2.4 ms C4 step, 2026-11-25); the
     Python Function elsewhere and under torch.compile, which traces it. The same foreach calls."""
-    if backends.select(diff.device) == "cpu" and not eager.traced((diff, *phis, *us)):
-        return _ext.ops.arm_surrogate(diff, ks, halves, phis, us)
-    return _ArmSurrogate.apply(diff, tuple(ks), tuple(halves), *phis, *us)
+    if backends.select(diff.device) == "cpu" and not eager.traced((diff, *phis, *us, *penalties)):
+        return _ext.ops.arm_surrogate(diff, ks, halves, phis, us, penalties)
+    return _ArmSurrogate.apply(diff, tuple(ks), tuple(halves), *phis, *us, *penalties)
 
 
 def _doubled(inputs: Tensor) -> Tensor:
@@ -171,7 +189,7 @@ def _two_passes(model, modules, layers, loss_fn, inputs, target, average: bool, 
             for name, b in buffers.items():
                 setattr(bn, name, b)
     task = (f + f2) / 2 if average else f
-    return task + penalty_with(modules, penalties) + _surrogate(layers, draws, (f2 - f).detach())
+    return task + _surrogate(layers, draws, (f2 - f).detach(), penalty_terms(modules, penalties))
 
 
 def objective(model: nn.Module, loss_fn, inputs: Tensor, target, *, average: bool = False) -> Tensor:
@@ -231,4 +249,4 @@ def _objective(model, modules, loss_fn, inputs, target, average, record: Draws) 
     f = _scalar(loss_fn(first, target))
     with torch.no_grad():  # f(z') is a value only: no graph to record
         f2 = _scalar(loss_fn(second, target))
-    return f + penalty_with(modules, penalties) + _surrogate(layers, draws, f2 - f.detach())
+    return f + _surrogate(layers, draws, f2 - f.detach(), penalty_terms(modules, penalties))

@@ -332,8 +332,9 @@ def test_paired_batch_from_doubled_matches_cat(monkeypatch):
 def test_arm_surrogate_nodes_agree(monkeypatch):
     """ARM's surrogate has a C++ node (eager calls on the cpu backend) and a Python Function (other
     backends, torch.compile): the same phi gradients bit for bit, in phi's dtype, for several
-    layers with different k, summed draws (halves) and an upstream gradient other than 1; and
-    npn.objective takes the C++ node on the cpu backend."""
+    layers with different k, summed draws (halves) and an upstream gradient other than 1; the
+    value is the sum of the penalties as torch adds them, each of which gets the upstream gradient
+    in its dtype; and npn.objective takes the C++ node on the cpu backend."""
     import importlib
 
     from npn_kernels import _ext
@@ -346,12 +347,18 @@ def test_arm_surrogate_nodes_agree(monkeypatch):
     grads = []
     for node in ("cpp", "python"):
         phis = [torch.zeros(s, dtype=d, requires_grad=True) for s, d in zip(shapes, dtypes)]
+        penalties = [torch.tensor(0.1, requires_grad=True), torch.tensor(0.2, dtype=torch.float64, requires_grad=True),
+                     torch.tensor(1e-8, requires_grad=True)]  # fmt: skip
         if node == "cpp":
-            out = _ext.ops.arm_surrogate(diff, ks, halves, phis, us)
+            out = _ext.ops.arm_surrogate(diff, ks, halves, phis, us, penalties)
         else:
-            out = objective_module._ArmSurrogate.apply(diff, tuple(ks), tuple(halves), *phis, *us)
-        assert out.item() == 0
-        grads.append(torch.autograd.grad(out, phis, torch.tensor(2.5)))
+            out = objective_module._ArmSurrogate.apply(diff, tuple(ks), tuple(halves), *phis, *us, *penalties)
+        expected = penalties[0] + penalties[1] + penalties[2]
+        assert out.dtype == torch.float64 and torch.equal(out, expected) and out.data_ptr() != expected.data_ptr()
+        grads.append(torch.autograd.grad(out, phis + penalties, torch.tensor(2.5, dtype=torch.float64)))
+        assert [g.dtype for g in grads[-1][3:]] == [p.dtype for p in penalties]
+        assert all(g.item() == 2.5 for g in grads[-1][3:])
+        assert objective_module._arm(diff, ks, halves, phis, us, []).item() == 0
     for a, b, d, u, k, h in zip(*grads, dtypes, us, ks, halves):
         assert a.dtype == d and torch.equal(a, b)
         assert_close(a.float(), (k * 2.5 * float(diff) * (u - h)).to(d).float())
