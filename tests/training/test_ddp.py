@@ -41,7 +41,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         moved = [not torch.equal(a, p.detach()) for a, p in zip(start, model.parameters())]
         # each rank writes its own state: an all_gather's work, still held by gloo's thread when
         # the process group was destroyed, released its Python tensors there and waited for the GIL
-        # that the destroying main thread held (a hang in ~1 of 20 runs, 2026-11-25)
+        # that the destroying main thread held (a hang in ~1 of 30 runs, 2026-11-25)
         torch.save({"state": flat, "phi_moved": [moved[2], moved[5]]}, f"{out}.{rank}")
         # both ranks leave together: a rank tearing gloo down while the other still works aborted
         # it once in ~10 runs ("terminate called without an active exception", SIGABRT)
