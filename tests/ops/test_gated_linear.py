@@ -129,6 +129,18 @@ def test_paired_same_halves_takes_either_route(backend, phi_value):
     _check(backend, torch.cat([x, x]), weight, bias, phi, npn.Binary(3.0), "in", paired=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("halves", ["same", "different"])
+def test_paired_loops_split_across_threads(backend, halves):
+    """Shapes large enough that the C++ layer's loops run in several tasks: the correction's
+    gathers of x1 and W (71 + 41 rows, 32 per task: one task holds rows of both), the halves'
+    scaling (142x301, ~27 rows per task) and the backward's x ⊙ z (71x301)."""
+    x, weight, bias, _ = _inputs(71, 301, 41, "in", torch.float32)
+    phi = torch.full((301,), 1.0)  # pi = 0.95 at k = 3: the correction route for equal halves
+    x = torch.cat([x, x if halves == "same" else torch.randn_like(x)])
+    _check(backend, x, weight, bias, phi, npn.Binary(3.0), "in", paired=True)
+
+
 @pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
 @pytest.mark.parametrize("granularity", ["in", "out"])
 @pytest.mark.parametrize("halves", ["same", "different"])
