@@ -65,22 +65,23 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
                                const Tensor& offset, int64_t family, std::vector<double> params,
                                std::string granularity, bool training, bool paired,
                                bool keep_sample, double compact_below,
-                               std::vector<double> penalty_coef) {
-    Tensor y, aux, penalty, penalty_sumsq;
+                               std::vector<double> penalty_coef, bool keep_xz) {
+    Tensor y, aux, penalty;
+    LayerKept kept{keep_xz};
     {
       // the layer's ~25 ATen calls go straight to their CPU kernels: this node is their autograd
       // (skipping the autograd and ADInplaceOrView kernels: ~0.5 us a call)
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(y, aux, penalty) = gated_linear_with_sumsq(
+      std::tie(y, aux, penalty) = gated_linear_keeping(
           x, weight, bias, phi, seed, offset, family, params, granularity, training, paired,
-          keep_sample, compact_below, penalty_coef, penalty_sumsq);
+          keep_sample, compact_below, penalty_coef, kept);
     }
     // A kept sample waits in saved_data, so that the backward can take it and, where nobody
     // else holds it, write d phi over it (gated_linear_backward). The caller gets an alias: whether it
     // still holds one shows in the storage's use count (a Python wrapper can keep the tensor
     // itself alive after its last Python reference is gone).
     ctx->save_for_backward({x, weight, bias.value_or(Tensor()), phi, seed, offset,
-                            keep_sample ? Tensor() : aux, penalty_sumsq});
+                            keep_sample ? Tensor() : aux, kept.sumsq, kept.xz});
     if (keep_sample) {
       ctx->saved_data["sample"] = aux;
       aux = aux.alias();
@@ -97,7 +98,7 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(14);
+    variable_list out(15);
     const variable_list saved = ctx->get_saved_variables();
     const bool has_bias = saved[2].defined();
     // needs_input_grad counts the tensor inputs that were passed: without a bias, phi is the third
@@ -131,10 +132,11 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
         aux = redraw_kept_sample(saved[1], saved[3], saved[4], saved[5], params);
       }
     }
-    auto [dx, dw, db, dphi] = gated_linear_backward_with_sumsq(
+    const LayerKept kept{false, saved[7], saved[8]};
+    auto [dx, dw, db, dphi] = gated_linear_backward_kept(
         grad_y, penalized ? std::optional<Tensor>(grads[2]) : std::nullopt, saved[0], saved[1], b,
         saved[3], saved[4], saved[5], aux, family, params, granularity, flags[0], flags[1],
-        flags[2], ctx->saved_data["compact_below"].toDouble(), penalty_coef, needs, saved[7]);
+        flags[2], ctx->saved_data["compact_below"].toDouble(), penalty_coef, needs, kept);
     const Tensor grads_in[4] = {dx, dw, db, dphi};
     for (int i = 0; i < 4; ++i) {
       if (needs[i]) out[i] = grads_in[i];
@@ -244,9 +246,12 @@ std::tuple<Tensor, Tensor, Tensor> gated_linear_autograd(
     const Tensor& seed, const Tensor& offset, int64_t family, c10::ArrayRef<double> params,
     c10::string_view granularity, bool training, bool paired, bool keep_sample,
     double compact_below, c10::ArrayRef<double> penalty_coef) {
+  // x1 ⊙ z kept for dW where the node is recorded and W wants a gradient: the backward wrote it
+  // again otherwise (~15 us for row C4's 784→300 layer, 2026-11-25)
+  const bool keep_xz = at::GradMode::is_enabled() && weight.requires_grad();
   variable_list out = GatedLinearFunction::apply(
       x, weight, bias, phi, seed, offset, family, params.vec(), std::string(granularity),
-      training, paired, keep_sample, compact_below, penalty_coef.vec());
+      training, paired, keep_sample, compact_below, penalty_coef.vec(), keep_xz);
   return {out[0], out[1], out[2]};
 }
 

@@ -118,10 +118,11 @@ Tensor workspace_like(const Tensor& w) {
 // A fresh 128x784 float32 product (400 KB) is above glibc's mmap threshold and page-faulted in
 // anew on every call: 123 us for the multiply instead of ~15 us (784→300 layer of row C4,
 // 2026-11-25). scale_halves' loop, on both threads from 16K elements (at::mul_out's from 32K).
-Tensor scaled(const Tensor& x, const Tensor& z) {
+// fresh: into a new tensor instead, one the autograd node keeps for the backward (LayerKept).
+Tensor scaled(const Tensor& x, const Tensor& z, bool fresh = false) {
   TORCH_INTERNAL_ASSERT(z.scalar_type() == x.scalar_type() && z.numel() == x.size(1));
   const Tensor xc = x.contiguous();
-  Tensor out = workspace_like(xc);
+  Tensor out = fresh ? at::empty_like(xc) : workspace_like(xc);
   scale_halves(xc, z.contiguous(), xc.size(0), out);  // every row in the first "half": z
   return out;
 }
@@ -141,13 +142,17 @@ Tensor open_units(const Tensor& z, double compact_below) {
 }
 
 // (x ⊙ z) Wᵀ + b for "in" gates z [K], gathering the open units when few are open; into out
-// (a contiguous [M, N] slice) when given.
+// (a contiguous [M, N] slice) when given. keep_xz (when given): receives x ⊙ z [M, K] where no
+// units were gathered, for the backward's dW.
 Tensor in_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
-                  const Tensor& z, double compact_below, Tensor* out = nullptr) {
+                  const Tensor& z, double compact_below, Tensor* out = nullptr,
+                  Tensor* keep_xz = nullptr) {
   const Tensor idx = open_units(z, compact_below);
   const Tensor xs = idx.defined() ? x.index_select(1, idx) : x;
   const Tensor ws = idx.defined() ? w.index_select(1, idx) : w;
-  const Tensor xz = scaled(xs, idx.defined() ? z.index_select(0, idx) : z);
+  const bool keep = keep_xz != nullptr && !idx.defined();
+  const Tensor xz = scaled(xs, idx.defined() ? z.index_select(0, idx) : z, keep);
+  if (keep) *keep_xz = xz;
   if (out == nullptr) return at::linear(xz, ws, b);
   return b.has_value() ? at::addmm_out(*out, *b, xz, ws.t()) : at::mm_out(*out, xz, ws.t());
 }
@@ -167,7 +172,8 @@ Tensor out_pre(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
 // to the first half, unless the second half's own GEMM takes fewer columns; "out" runs one GEMM
 // for both halves).
 Tensor paired_same_input(const Tensor& x1, const Tensor& w, const std::optional<Tensor>& b,
-                         c10::string_view granularity, const Tensor& z, double compact_below) {
+                         c10::string_view granularity, const Tensor& z, double compact_below,
+                         Tensor* keep_xz) {
   const int64_t m = x1.size(0);
   if (granularity == "out") {
     const Tensor y_pre = out_pre(x1, w, b, open_units(z[0] + z[1], compact_below));
@@ -177,7 +183,7 @@ Tensor paired_same_input(const Tensor& x1, const Tensor& w, const std::optional<
   }
   Tensor y = at::empty({2 * m, w.size(0)}, x1.options());
   Tensor y1 = y.narrow(0, 0, m), y2 = y.narrow(0, m, m);
-  in_forward(x1, w, b, z[0], compact_below, &y1);
+  in_forward(x1, w, b, z[0], compact_below, &y1, keep_xz);
   const auto [xd, wd] = changed_units(x1, w, z, compact_below);
   if (xd.defined()) {
     at::addmm_out(y2, y1, xd, wd.t());
@@ -188,12 +194,13 @@ Tensor paired_same_input(const Tensor& x1, const Tensor& w, const std::optional<
 }
 
 // One half (or the whole batch) of structured gates: (y, y before the gates or undefined).
+// keep_xz: see in_forward.
 std::tuple<Tensor, Tensor> structured_half(const Gates& g, const Tensor& x, const Tensor& w,
                                            const std::optional<Tensor>& b,
                                            c10::string_view granularity, bool antithetic,
-                                           double compact_below) {
+                                           double compact_below, Tensor* keep_xz = nullptr) {
   const Tensor z = g.vector(antithetic).to(x.scalar_type());
-  if (granularity == "in") return {in_forward(x, w, b, z, compact_below), Tensor()};
+  if (granularity == "in") return {in_forward(x, w, b, z, compact_below, nullptr, keep_xz), Tensor()};
   Tensor y_pre = out_pre(x, w, b, open_units(z, compact_below));
   return {y_pre * z, y_pre};
 }
@@ -323,11 +330,12 @@ std::tuple<Tensor, Tensor> sample_weight_gates(const Tensor& w, const Gates& g) 
   return {wz, s};
 }
 
-// (y, aux) of the layer (gated_linear below, without its penalty).
+// (y, aux) of the layer (gated_linear below, without its penalty). keep_xz (when given):
+// receives the first half's x ⊙ z for "in" gates whose units were not gathered (LayerKept).
 std::tuple<Tensor, Tensor> layer_forward(const Tensor& x, const Tensor& weight,
                                          const std::optional<Tensor>& bias, const Gates& g,
                                          c10::string_view granularity, bool paired,
-                                         bool keep_sample, double compact_below) {
+                                         bool keep_sample, double compact_below, Tensor* keep_xz) {
   auto none = [&] { return at::empty({0}, x.options()); };
   if (!keep_sample) check_finite_phi(g.phi);  // hc_gate_mul checks in its sampling pass
   if (keep_sample) {
@@ -335,26 +343,28 @@ std::tuple<Tensor, Tensor> layer_forward(const Tensor& x, const Tensor& weight,
     return {at::linear(x, wz, bias), s};
   }
   if (!paired) {
-    auto [y, y_pre] = structured_half(g, x, weight, bias, granularity, false, compact_below);
+    auto [y, y_pre] = structured_half(g, x, weight, bias, granularity, false, compact_below, keep_xz);
     return {y, g.family == kHardConcrete && granularity == "out" ? y_pre : none()};
   }
   // a paired call's aux: the noise u [P] of its gates z = [z; z'] [2, P] (ARM's surrogate reads it)
   const int64_t m = x.size(0) / 2;
   const auto [u, z] = paired_gates(g.phi, g.seed, g.offset, g.params, x.scalar_type());
   if (same_halves(x, m)) {
-    return {paired_same_input(x.narrow(0, 0, m), weight, bias, granularity, z, compact_below), u};
+    return {paired_same_input(x.narrow(0, 0, m), weight, bias, granularity, z, compact_below, keep_xz), u};
   }
   if (open_units(z[0], compact_below).defined() || open_units(z[1], compact_below).defined()) {
-    auto first = std::get<0>(
-        structured_half(g, x.narrow(0, 0, m), weight, bias, granularity, false, compact_below));
+    auto first = std::get<0>(structured_half(g, x.narrow(0, 0, m), weight, bias, granularity,
+                                             false, compact_below, keep_xz));
     auto second = std::get<0>(
         structured_half(g, x.narrow(0, m, m), weight, bias, granularity, true, compact_below));
     return {at::cat({first, second}), u};
   }
   if (granularity == "in") {
     const Tensor xc = x.contiguous();
-    const Tensor xz = workspace_like(xc);  // lives across the GEMM only
+    // lives across the GEMM only, unless the backward keeps its first half
+    const Tensor xz = keep_xz != nullptr ? at::empty_like(xc) : workspace_like(xc);
     scale_halves(xc, z, m, xz);
+    if (keep_xz != nullptr) *keep_xz = xz.narrow(0, 0, m);
     return {at::linear(xz, weight, bias), u};
   }
   Tensor y = at::linear(x, weight, bias);
@@ -374,24 +384,27 @@ std::tuple<Tensor, Tensor, Tensor> gated_linear(
     const Tensor& seed, const Tensor& offset, int64_t family, c10::ArrayRef<double> params,
     c10::string_view granularity, bool training, bool paired, bool keep_sample,
     double compact_below, c10::ArrayRef<double> penalty_coef) {
-  Tensor penalty_sumsq;
-  return gated_linear_with_sumsq(x, weight, bias, phi, seed, offset, family, params, granularity,
-                                 training, paired, keep_sample, compact_below, penalty_coef,
-                                 penalty_sumsq);
+  LayerKept kept;
+  return gated_linear_keeping(x, weight, bias, phi, seed, offset, family, params, granularity,
+                              training, paired, keep_sample, compact_below, penalty_coef, kept);
 }
 
-// gated_linear, also handing back the penalty's q = ||W_g||² per unit [P] where it computed one
-// ("in"/"out" gates with weight decay; else undefined) for gated_linear_backward_with_sumsq.
-std::tuple<Tensor, Tensor, Tensor> gated_linear_with_sumsq(
+// gated_linear, also handing back in kept what gated_linear_backward_kept would otherwise
+// compute again: the penalty's q = ||W_g||² per unit [P] where it computed one ("in"/"out"
+// gates with weight decay), and with kept.keep_xz the first half's x ⊙ z ("in" gates whose
+// units were not gathered) in a tensor of its own instead of this thread's workspace. Each is
+// left undefined where it does not apply.
+std::tuple<Tensor, Tensor, Tensor> gated_linear_keeping(
     const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& phi,
     const Tensor& seed, const Tensor& offset, int64_t family, c10::ArrayRef<double> params,
     c10::string_view granularity, bool training, bool paired, bool keep_sample,
-    double compact_below, c10::ArrayRef<double> penalty_coef, Tensor& penalty_sumsq) {
+    double compact_below, c10::ArrayRef<double> penalty_coef, LayerKept& kept) {
   check_layer(x, weight, bias, phi, granularity, family, training, paired, keep_sample);
   const Gates g{flat(phi), seed, offset, family, params, training};
-  auto [y, aux] = layer_forward(x, weight, bias, g, granularity, paired, keep_sample, compact_below);
+  auto [y, aux] = layer_forward(x, weight, bias, g, granularity, paired, keep_sample, compact_below,
+                                kept.keep_xz ? &kept.xz : nullptr);
   const LayerPenalty pen(penalty_coef, g, weight, bias, granularity);
-  return {y, aux, pen.active ? pen.value(penalty_sumsq) : at::empty({0}, phi.options())};
+  return {y, aux, pen.active ? pen.value(kept.sumsq) : at::empty({0}, phi.options())};
 }
 
 // A kept sample s [N, K] drawn again from (seed, offset): the same bits as the forward's.
@@ -411,21 +424,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward(
     const Tensor& offset, const Tensor& aux, int64_t family, c10::ArrayRef<double> params,
     c10::string_view granularity, bool training, bool paired, bool keep_sample,
     double compact_below, c10::ArrayRef<double> penalty_coef, std::array<bool, 4> needs) {
-  return gated_linear_backward_with_sumsq(grad_y, grad_penalty, x, weight, bias, phi, seed, offset,
-                                          aux, family, params, granularity, training, paired,
-                                          keep_sample, compact_below, penalty_coef, needs,
-                                          Tensor());
+  return gated_linear_backward_kept(grad_y, grad_penalty, x, weight, bias, phi, seed, offset, aux,
+                                    family, params, granularity, training, paired, keep_sample,
+                                    compact_below, penalty_coef, needs, LayerKept{});
 }
 
-// gated_linear_backward with the forward's penalty_sumsq (gated_linear_with_sumsq; undefined:
-// the penalty's backward computes q from W again).
-std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward_with_sumsq(
+// gated_linear_backward with what the forward kept (gated_linear_keeping; what is undefined
+// there is computed again: q from W, x1 ⊙ z from x and the gates).
+std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward_kept(
     const Tensor& grad_y, const std::optional<Tensor>& grad_penalty, const Tensor& x,
     const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& phi, const Tensor& seed,
     const Tensor& offset, const Tensor& aux, int64_t family, c10::ArrayRef<double> params,
     c10::string_view granularity, bool training, bool paired, bool keep_sample,
     double compact_below, c10::ArrayRef<double> penalty_coef, std::array<bool, 4> needs,
-    const Tensor& penalty_sumsq) {
+    const LayerKept& kept) {
   check_layer(x, weight, bias, phi, granularity, family, training, paired, keep_sample);
   const auto [need_x, need_w, need_b, want_phi] = needs;
   const bool need_phi = want_phi && family != kBinary;  // Binary: no pathwise gradient
@@ -433,7 +445,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward_with_sumsq(
   const LayerPenalty pen(penalty_coef, g, weight, bias, granularity);
   const bool penalized = pen.active && grad_penalty.has_value() && grad_penalty->defined();
   Tensor pen_dphi, pen_dw;  // the penalty's d phi [P] and dW [N, K]: the task's are added in
-  if (penalized) std::tie(pen_dphi, pen_dw) = pen.backward(*grad_penalty, need_w, penalty_sumsq);
+  if (penalized) std::tie(pen_dphi, pen_dw) = pen.backward(*grad_penalty, need_w, kept.sumsq);
   // dW = a·b (+ the penalty's), or the same scattered into the columns (dim 1) / rows (dim 0) idx
   auto weight_grad = [&](const Tensor& a, const Tensor& b) {
     return pen_dw.defined() ? pen_dw.addmm_(a, b) : a.mm(b);
@@ -484,7 +496,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward_with_sumsq(
         // dy W: into dx itself, then scaled in place, unless d phi needs it unscaled (hard-concrete)
         const Tensor dxz = need_phi ? dy.mm(weight) : Tensor();  // a first layer needs neither
         if (need_x) dx = need_phi ? input_grad(dxz, z, false) : input_grad(dy, weight, true).mul_(z);
-        if (need_w) dw = weight_grad(dy.t(), scaled(x1, z));
+        if (need_w) dw = weight_grad(dy.t(), kept.xz.defined() ? kept.xz : scaled(x1, z));
         if (need_phi) dphi = g.vector_backward((dxz * x1).sum(0));
       } else {
         const Tensor zo = z.index_select(0, idx), xo = x1.index_select(1, idx);

@@ -110,21 +110,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
     c10::ArrayRef<double> params, c10::string_view granularity, bool training, bool paired,
     bool keep_sample, double compact_below, c10::ArrayRef<double> penalty_coef,
     std::array<bool, 4> needs);
-// The same pair handing the penalty's q = ||W_g||² per unit [P] from the forward to the backward
-// (the C++ autograd node, csrc/cpu/autograd.cpp): the backward then reads W once fewer.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_linear_with_sumsq(
+// What a gated_linear forward hands its backward beyond its inputs and aux (the C++ autograd
+// node, csrc/cpu/autograd.cpp), so that the backward need not compute it again.
+struct LayerKept {
+  bool keep_xz = false;  // in: keep x1 ⊙ z (the backward's dW needs it)
+  at::Tensor sumsq;      // the penalty's q = ||W_g||² per unit [P] ("in"/"out" gates with weight decay)
+  at::Tensor xz;         // x1 ⊙ z [m, K] of "in" gates without compaction (m: the first half's rows)
+};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_linear_keeping(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& phi, const at::Tensor& seed, const at::Tensor& offset, int64_t family,
     c10::ArrayRef<double> params, c10::string_view granularity, bool training, bool paired,
-    bool keep_sample, double compact_below, c10::ArrayRef<double> penalty_coef,
-    at::Tensor& penalty_sumsq);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward_with_sumsq(
+    bool keep_sample, double compact_below, c10::ArrayRef<double> penalty_coef, LayerKept& kept);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward_kept(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_penalty, const at::Tensor& x,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& phi,
     const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& aux, int64_t family,
     c10::ArrayRef<double> params, c10::string_view granularity, bool training, bool paired,
     bool keep_sample, double compact_below, c10::ArrayRef<double> penalty_coef,
-    std::array<bool, 4> needs, const at::Tensor& penalty_sumsq);
+    std::array<bool, 4> needs, const LayerKept& kept);
 // A kept sample drawn again for a second backward of the autograd node (retain_graph).
 at::Tensor redraw_kept_sample(const at::Tensor& weight, const at::Tensor& phi,
                               const at::Tensor& seed, const at::Tensor& offset,

@@ -415,16 +415,22 @@ def test_doubled_batch_vouches_for_its_halves_only_while_unmodified():
 
 @pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
 @pytest.mark.parametrize("granularity", ["in", "out"])
-@pytest.mark.parametrize("paired", [False, True], ids=["plain", "paired"])
-def test_penalty_sumsq_kept_for_the_backward(granularity, paired):
-    """The C++ layer's autograd node keeps its penalty's q = ||W_g||² per unit from the forward
-    for the backward (csrc/cpu/gated_linear.cpp, gated_linear_with_sumsq): the gradients are the
-    bits of gated_linear_backward, which computes q from W again."""
+@pytest.mark.parametrize("batch", ["plain", "paired", "paired equal halves"])
+@pytest.mark.parametrize("closed", [0.3, 0.9], ids=["most open", "gathered"])
+def test_backward_from_what_the_forward_kept(granularity, batch, closed):
+    """The C++ layer's autograd node keeps its penalty's q = ||W_g||² per unit and, for "in" gates,
+    the first half's x ⊙ z from the forward for the backward (csrc/cpu/gated_linear.cpp,
+    gated_linear_keeping): the gradients are the bits of gated_linear_backward, which computes
+    both again. Plain and paired batches, equal halves (the first layer's route), and gates
+    closed enough that the layer gathers its open units (nothing to keep)."""
     from npn_kernels import _ext
 
-    x, weight, bias, phi = _inputs(8, 37, 11, granularity, torch.float32)
+    x, weight, bias, phi = _inputs(8, 37, 11, granularity, torch.float32, closed=closed)
+    if batch == "paired equal halves":
+        x = torch.cat([x[:4], x[:4]])
     seed, offset = rng_tensors(3, 7, "cpu")
     coef = [float(11 if granularity == "in" else 37), 1e-3, 0.05]  # group size, l0, weight decay
+    paired = batch != "plain"
     args = (seed, offset, 0, [5.0], granularity, True, paired, False, 0.5, coef)
     gen = torch.Generator().manual_seed(6)
     grad_y, grad_p = torch.randn(8, 11, generator=gen), torch.tensor(1.7)
