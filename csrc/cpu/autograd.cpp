@@ -63,7 +63,7 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
                                const std::optional<Tensor>& bias, const Tensor& phi, const Tensor& seed,
                                const Tensor& offset, int64_t family, std::vector<double> params,
-                               std::string granularity, bool training, bool paired,
+                               std::string granularity, bool training, int64_t paired,
                                bool keep_sample, double compact_below,
                                std::vector<double> penalty_coef, bool keep_xz) {
     Tensor y, aux, penalty;
@@ -89,7 +89,8 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
     ctx->saved_data["family"] = family;
     ctx->saved_data["params"] = params;
     ctx->saved_data["granularity"] = granularity;
-    ctx->saved_data["flags"] = std::vector<bool>{training, paired, keep_sample};
+    ctx->saved_data["flags"] = std::vector<bool>{training, keep_sample};
+    ctx->saved_data["paired"] = paired;
     ctx->saved_data["compact_below"] = compact_below;
     ctx->saved_data["penalty_coef"] = penalty_coef;
     ctx->mark_non_differentiable({aux});
@@ -121,7 +122,7 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
     std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
     if (!at::GradMode::is_enabled()) below_autograd.emplace();
     Tensor aux = saved[6];
-    if (flags[2]) {
+    if (flags[1]) {
       // the first backward takes the kept sample; another one (retain_graph) draws it again
       // from (seed, offset): the same bits
       const auto it = ctx->saved_data.find("sample");
@@ -135,8 +136,9 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
     const LayerKept kept{false, saved[7], saved[8]};
     auto [dx, dw, db, dphi] = gated_linear_backward_kept(
         grad_y, penalized ? std::optional<Tensor>(grads[2]) : std::nullopt, saved[0], saved[1], b,
-        saved[3], saved[4], saved[5], aux, family, params, granularity, flags[0], flags[1],
-        flags[2], ctx->saved_data["compact_below"].toDouble(), penalty_coef, needs, kept);
+        saved[3], saved[4], saved[5], aux, family, params, granularity, flags[0],
+        ctx->saved_data["paired"].toInt(), flags[1], ctx->saved_data["compact_below"].toDouble(),
+        penalty_coef, needs, kept);
     const Tensor grads_in[4] = {dx, dw, db, dphi};
     for (int i = 0; i < 4; ++i) {
       if (needs[i]) out[i] = grads_in[i];
@@ -244,7 +246,7 @@ Tensor l0_penalty_autograd(const Tensor& phi, const std::optional<Tensor>& weigh
 std::tuple<Tensor, Tensor, Tensor> gated_linear_autograd(
     const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& phi,
     const Tensor& seed, const Tensor& offset, int64_t family, c10::ArrayRef<double> params,
-    c10::string_view granularity, bool training, bool paired, bool keep_sample,
+    c10::string_view granularity, bool training, int64_t paired, bool keep_sample,
     double compact_below, c10::ArrayRef<double> penalty_coef) {
   // x1 ⊙ z kept for dW where the node is recorded and W wants a gradient: the backward wrote it
   // again otherwise (~15 us for row C4's 784→300 layer, 2026-11-25)

@@ -207,14 +207,14 @@ std::tuple<Tensor, Tensor> structured_half(const Gates& g, const Tensor& x, cons
 
 void check_layer(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
                  const Tensor& phi, c10::string_view granularity, int64_t family, bool training,
-                 bool paired, bool keep_sample) {
+                 int64_t paired, bool keep_sample) {
   TORCH_CHECK(x.is_cpu() && x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
               "x: expected a CPU tensor [M, K] with K = weight's in_features (weight [N, K] = ",
               w.sizes(), "), got ", x.sizes(), " on ", x.device());
   TORCH_CHECK(!b.has_value() || (b->dim() == 1 && b->size(0) == w.size(0)),
               "bias: expected [", w.size(0), "], got ", b->sizes());
   if (keep_sample) {
-    TORCH_CHECK(is_weight(granularity) && family == kHardConcrete && training && !paired,
+    TORCH_CHECK(is_weight(granularity) && family == kHardConcrete && training && paired == kPlainBatch,
                 "keep_sample: HardConcrete weight gates in training only");
     TORCH_CHECK(phi.numel() == w.numel(), "phi: expected weight's ", w.numel(),
                 " gates, got shape ", phi.sizes());
@@ -227,8 +227,13 @@ void check_layer(const Tensor& x, const Tensor& w, const std::optional<Tensor>& 
   const int64_t units = granularity == "in" ? w.size(1) : w.size(0);
   TORCH_CHECK(phi.dim() == 1 && phi.size(0) == units, "phi: expected [", units,
               "] for granularity '", granularity, "', got ", phi.sizes());
-  TORCH_CHECK(!paired || (family == kBinary && training && x.size(0) % 2 == 0),
-              "paired: needs Binary gates in training and an even number of rows");
+  TORCH_CHECK(paired >= kPlainBatch && paired <= kPairedFromOne,
+              "paired: expected 0 (plain), 1 (a paired batch) or 2 (one batch for both halves), got ",
+              paired);
+  TORCH_CHECK(paired == kPlainBatch || (family == kBinary && training),
+              "paired: needs Binary gates in training");
+  TORCH_CHECK(paired != kPairedBatch || x.size(0) % 2 == 0,
+              "paired: a paired batch [x; x'] needs an even number of rows, got ", x.size(0));
 }
 
 // A layer's penalty (DESIGN 2.1/2.2, GatedModule.penalty in Python): l0_penalty of its gates
@@ -334,7 +339,7 @@ std::tuple<Tensor, Tensor> sample_weight_gates(const Tensor& w, const Gates& g) 
 // receives the first half's x ⊙ z for "in" gates whose units were not gathered (LayerKept).
 std::tuple<Tensor, Tensor> layer_forward(const Tensor& x, const Tensor& weight,
                                          const std::optional<Tensor>& bias, const Gates& g,
-                                         c10::string_view granularity, bool paired,
+                                         c10::string_view granularity, int64_t paired,
                                          bool keep_sample, double compact_below, Tensor* keep_xz) {
   auto none = [&] { return at::empty({0}, x.options()); };
   if (!keep_sample) check_finite_phi(g.phi);  // hc_gate_mul checks in its sampling pass
@@ -342,14 +347,14 @@ std::tuple<Tensor, Tensor> layer_forward(const Tensor& x, const Tensor& weight,
     const auto [wz, s] = sample_weight_gates(weight.contiguous(), g);
     return {at::linear(x, wz, bias), s};
   }
-  if (!paired) {
+  if (paired == kPlainBatch) {
     auto [y, y_pre] = structured_half(g, x, weight, bias, granularity, false, compact_below, keep_xz);
     return {y, g.family == kHardConcrete && granularity == "out" ? y_pre : none()};
   }
   // a paired call's aux: the noise u [P] of its gates z = [z; z'] [2, P] (ARM's surrogate reads it)
-  const int64_t m = x.size(0) / 2;
+  const int64_t m = paired == kPairedFromOne ? x.size(0) : x.size(0) / 2;
   const auto [u, z] = paired_gates(g.phi, g.seed, g.offset, g.params, x.scalar_type());
-  if (same_halves(x, m)) {
+  if (paired == kPairedFromOne || same_halves(x, m)) {
     return {paired_same_input(x.narrow(0, 0, m), weight, bias, granularity, z, compact_below, keep_xz), u};
   }
   if (open_units(z[0], compact_below).defined() || open_units(z[1], compact_below).defined()) {
@@ -382,7 +387,7 @@ std::tuple<Tensor, Tensor> layer_forward(const Tensor& x, const Tensor& weight,
 std::tuple<Tensor, Tensor, Tensor> gated_linear(
     const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& phi,
     const Tensor& seed, const Tensor& offset, int64_t family, c10::ArrayRef<double> params,
-    c10::string_view granularity, bool training, bool paired, bool keep_sample,
+    c10::string_view granularity, bool training, int64_t paired, bool keep_sample,
     double compact_below, c10::ArrayRef<double> penalty_coef) {
   LayerKept kept;
   return gated_linear_keeping(x, weight, bias, phi, seed, offset, family, params, granularity,
@@ -397,7 +402,7 @@ std::tuple<Tensor, Tensor, Tensor> gated_linear(
 std::tuple<Tensor, Tensor, Tensor> gated_linear_keeping(
     const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& phi,
     const Tensor& seed, const Tensor& offset, int64_t family, c10::ArrayRef<double> params,
-    c10::string_view granularity, bool training, bool paired, bool keep_sample,
+    c10::string_view granularity, bool training, int64_t paired, bool keep_sample,
     double compact_below, c10::ArrayRef<double> penalty_coef, LayerKept& kept) {
   check_layer(x, weight, bias, phi, granularity, family, training, paired, keep_sample);
   const Gates g{flat(phi), seed, offset, family, params, training};
@@ -422,7 +427,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward(
     const Tensor& grad_y, const std::optional<Tensor>& grad_penalty, const Tensor& x,
     const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& phi, const Tensor& seed,
     const Tensor& offset, const Tensor& aux, int64_t family, c10::ArrayRef<double> params,
-    c10::string_view granularity, bool training, bool paired, bool keep_sample,
+    c10::string_view granularity, bool training, int64_t paired, bool keep_sample,
     double compact_below, c10::ArrayRef<double> penalty_coef, std::array<bool, 4> needs) {
   return gated_linear_backward_kept(grad_y, grad_penalty, x, weight, bias, phi, seed, offset, aux,
                                     family, params, granularity, training, paired, keep_sample,
@@ -435,7 +440,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward_kept(
     const Tensor& grad_y, const std::optional<Tensor>& grad_penalty, const Tensor& x,
     const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& phi, const Tensor& seed,
     const Tensor& offset, const Tensor& aux, int64_t family, c10::ArrayRef<double> params,
-    c10::string_view granularity, bool training, bool paired, bool keep_sample,
+    c10::string_view granularity, bool training, int64_t paired, bool keep_sample,
     double compact_below, c10::ArrayRef<double> penalty_coef, std::array<bool, 4> needs,
     const LayerKept& kept) {
   check_layer(x, weight, bias, phi, granularity, family, training, paired, keep_sample);
@@ -454,10 +459,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward_kept(
     Tensor base = pen_dw.defined() ? pen_dw : at::zeros(weight.sizes(), weight.options());
     return base.index_add_(dim, idx, part);
   };
-  const int64_t m_all = x.size(0), m = paired ? m_all / 2 : m_all;
+  // m: the first half's rows, x1's (the whole batch unless it is a paired batch [x; x'])
+  const int64_t m_all = x.size(0), m = paired == kPairedBatch ? m_all / 2 : m_all;
   const Tensor dy = grad_y.contiguous().narrow(0, 0, m), x1 = x.narrow(0, 0, m);
   // dx of a paired batch: the second half's rows are zero, the first half's written in place
-  Tensor dx_all = need_x && paired ? at::empty(x.sizes(), x.options()) : Tensor();
+  Tensor dx_all = need_x && paired == kPairedBatch ? at::empty(x.sizes(), x.options()) : Tensor();
   if (dx_all.defined()) dx_all.narrow(0, m, m_all - m).zero_();
   Tensor dx = dx_all.defined() ? dx_all.narrow(0, 0, m) : Tensor(), dw, db, dphi;
   // dx = a·b, or a ⊙ b (elementwise), into dx's first half when paired

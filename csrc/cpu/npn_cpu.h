@@ -85,6 +85,12 @@ void hc_gate_mul_backward(const at::Tensor& grad, const at::Tensor& a, const at:
 // HardConcrete weight gates with keep_sample, optionally with the layer's penalty as a third
 // output (penalty_coef = {group_size, l0, weight_decay}); the Autograd kernel runs the backward
 // in C++.
+// A gated_linear call's batch, its `paired` argument: a plain batch; a paired batch [x; x'] of 2m
+// rows (ARM's one pass, DESIGN 4.3: the first half under z, the second under z'); or one batch
+// x [m, K] that stands for [x; x], whose output y [2m, N] is the paired one. The last is how the
+// first layer of an nn.Sequential takes npn.objective's batch: without writing [x; x] (800 KB,
+// ~50 us of a C4 step, 2026-11-25).
+enum Pairing : int64_t { kPlainBatch = 0, kPairedBatch = 1, kPairedFromOne = 2 };
 std::tuple<at::Tensor, at::Tensor> paired_gates(const at::Tensor& phi, const at::Tensor& seed,
                                                 const at::Tensor& offset,
                                                 c10::ArrayRef<double> params, at::ScalarType dtype);
@@ -101,13 +107,13 @@ std::tuple<at::Tensor, at::Tensor> changed_units(const at::Tensor& x1, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_linear(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& phi, const at::Tensor& seed, const at::Tensor& offset, int64_t family,
-    c10::ArrayRef<double> params, c10::string_view granularity, bool training, bool paired,
+    c10::ArrayRef<double> params, c10::string_view granularity, bool training, int64_t paired,
     bool keep_sample, double compact_below, c10::ArrayRef<double> penalty_coef);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_penalty, const at::Tensor& x,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& phi,
     const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& aux, int64_t family,
-    c10::ArrayRef<double> params, c10::string_view granularity, bool training, bool paired,
+    c10::ArrayRef<double> params, c10::string_view granularity, bool training, int64_t paired,
     bool keep_sample, double compact_below, c10::ArrayRef<double> penalty_coef,
     std::array<bool, 4> needs);
 // What a gated_linear forward hands its backward beyond its inputs and aux (the C++ autograd
@@ -120,13 +126,13 @@ struct LayerKept {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_linear_keeping(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& phi, const at::Tensor& seed, const at::Tensor& offset, int64_t family,
-    c10::ArrayRef<double> params, c10::string_view granularity, bool training, bool paired,
+    c10::ArrayRef<double> params, c10::string_view granularity, bool training, int64_t paired,
     bool keep_sample, double compact_below, c10::ArrayRef<double> penalty_coef, LayerKept& kept);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward_kept(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_penalty, const at::Tensor& x,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& phi,
     const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& aux, int64_t family,
-    c10::ArrayRef<double> params, c10::string_view granularity, bool training, bool paired,
+    c10::ArrayRef<double> params, c10::string_view granularity, bool training, int64_t paired,
     bool keep_sample, double compact_below, c10::ArrayRef<double> penalty_coef,
     std::array<bool, 4> needs, const LayerKept& kept);
 // A kept sample drawn again for a second backward of the autograd node (retain_graph).
@@ -136,7 +142,7 @@ at::Tensor redraw_kept_sample(const at::Tensor& weight, const at::Tensor& phi,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_linear_autograd(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& phi, const at::Tensor& seed, const at::Tensor& offset, int64_t family,
-    c10::ArrayRef<double> params, c10::string_view granularity, bool training, bool paired,
+    c10::ArrayRef<double> params, c10::string_view granularity, bool training, int64_t paired,
     bool keep_sample, double compact_below, c10::ArrayRef<double> penalty_coef);
 at::Tensor arm_surrogate(const at::Tensor& diff, c10::ArrayRef<double> ks,
                          c10::ArrayRef<double> halves, at::TensorList phis, at::TensorList us,

@@ -7,7 +7,8 @@ buffers in its state_dict: ``seed`` and ``offset`` (its address in the noise str
 and ``allocated`` (how many leading units the Expander has handed out).
 
 The objective (npn_kernels.training) drives a layer through four plain attributes:
-``paired`` (the input is a doubled batch [x; x]: ARM's one-pass evaluation, DESIGN 4.3),
+``paired`` (the input is a doubled batch [x; x]: ARM's one-pass evaluation, DESIGN 4.3; or, with
+PAIRED_FROM_ONE, the batch x itself, which the layer's output doubles),
 ``draws`` (a list: every training draw appends (offset tensor, rows, u): u is the noise a paired
 Binary call's op returned, else None), ``replay`` (a list of
 such draws: the next forward re-uses the oldest one, with ARM's antithetic gates for Binary
@@ -42,6 +43,10 @@ HC_INIT_STD = 1e-2
 ACTIVE_PHI = 3.0
 HIBERNATING_PHI = -40.0
 DEFAULT_GATE = Binary()  # a frozen dataclass: safe to share as the default
+# ``paired`` of a layer whose input is one batch x standing for the paired batch [x; x]: its output
+# has the paired pass's 2·rows rows (npn.objective hands the first layer of an nn.Sequential the
+# batch itself; the C++ layer then never writes [x; x]). The value of the ops' ``paired`` argument.
+PAIRED_FROM_ONE = 2
 
 
 def _number(name: str, value, *, positive: bool) -> float:
@@ -145,6 +150,11 @@ class GatedModule(nn.Module):
                 raise TypeError(f"x: expected dtype {weight.dtype} (the layer's weight), got {x.dtype}")
             if x.device != weight.device:
                 raise ValueError(f"x: expected device {weight.device} (the layer's weight), got {x.device}")
+        if self.paired == PAIRED_FROM_ONE:
+            # this path doubles the batch itself; once: a model that calls the layer again hands it
+            # rows of the paired pass
+            vars(self)["paired"] = True
+            x = torch.cat([x, x])
         if self.replay is not None and training:  # evaluation draws nothing: nothing to replay
             offset, rows, _ = self.replay.pop(0)
             return self._replay(x, offset, rows)
@@ -332,7 +342,8 @@ class GatedLinear(GatedModule):
             return None
         bias, gate, paired = params.get("bias"), d["gate"], d["paired"]
         seed, counter = d["_buffers"]["seed"], d["_buffers"]["offset"]
-        if (paired and not (isinstance(gate, Binary) and x.shape[0] % 2 == 0)) or eager.traced(
+        from_one = paired == PAIRED_FROM_ONE
+        if (paired and not (isinstance(gate, Binary) and (from_one or x.shape[0] % 2 == 0))) or eager.traced(
             (x, weight, bias, phi, seed, counter)
         ):
             return None
@@ -344,7 +355,9 @@ class GatedLinear(GatedModule):
                               True, paired, False, coef)  # fmt: skip
         if penalize:
             penalties[self] = p
-        self._drew(counter, offset, x.shape[0] // 2 if paired else x.shape[0], aux if paired else None)
+        if from_one:
+            d["paired"] = True  # once (see GatedModule.forward)
+        self._drew(counter, offset, x.shape[0] // 2 if paired is True else x.shape[0], aux if paired else None)
         return y
 
     def _op(self, x: Tensor, offset: Tensor, paired: bool = False,

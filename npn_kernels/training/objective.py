@@ -7,7 +7,8 @@ value zero (never by writing .grad), so DDP, gradient accumulation and AMP see i
 
 f(z') comes from ONE pass over the doubled batch [x; x] (the ops' paired mode: the first half
 sees z, the second ARM's z' = 1[u > 1 − pi] from the same u, and its backward skips the second
-half). Models with BatchNorm in training mode couple the rows of a batch, so [x; x] would mix
+half). The first gated layer of an nn.Sequential takes x itself and doubles it in its output
+(PAIRED_FROM_ONE); other models get [x; x]. Models with BatchNorm in training mode couple the rows of a batch, so [x; x] would mix
 z- and z'-statistics: they take two passes (see :func:`_two_passes`).
 """
 
@@ -24,7 +25,7 @@ from torch.utils._pytree import tree_map
 
 from npn_kernels import _ext, backends
 from npn_kernels.gates import Binary
-from npn_kernels.nn.modules import GatedModule, gated_modules, penalty_terms, penalty_with
+from npn_kernels.nn.modules import PAIRED_FROM_ONE, GatedModule, gated_modules, penalty_terms, penalty_with
 from npn_kernels.ops import eager
 
 Draws = dict[GatedModule, list[tuple[Tensor, int, Tensor | None]]]
@@ -147,6 +148,17 @@ def _doubled(inputs: Tensor) -> Tensor:
     return _ext.ops.doubled(inputs)
 
 
+def _doubling_layer(model: nn.Module) -> GatedModule | None:
+    """The gated layer that can take the paired pass's batch itself and double it
+    (PAIRED_FROM_ONE): the first module of an nn.Sequential, whose forward hands it the model's
+    input as it is; else None (the model gets [inputs; inputs])."""
+    if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward and len(model):
+        first = next(iter(model._modules.values()))
+        if isinstance(first, GatedModule):
+            return first
+    return None
+
+
 def _halves(out, rows: int):
     """The two halves of a paired pass's output: a tensor, or a nest of tensors, with 2·rows rows
     each; the second half detached (f(z') is a value only)."""
@@ -238,12 +250,15 @@ def _objective(model, modules, loss_fn, inputs, target, average, record: Draws) 
     if average or _batchnorms(model):
         return _two_passes(model, modules, layers, loss_fn, inputs, target, average, record)
     rows = inputs.shape[0]
+    doubling = _doubling_layer(model)
     with _objective_pass(modules, paired=True, penalties=penalties, record=record) as draws:
+        if doubling is not None:
+            vars(doubling)["paired"] = PAIRED_FROM_ONE
         try:
-            out = model(_doubled(inputs))
+            out = model(inputs if doubling is not None else _doubled(inputs))
         except (ValueError, TypeError, RuntimeError) as exc:  # a shape in the message has 2·B rows
-            exc.add_note(f"(raised in npn.objective's paired pass: the model saw [inputs; inputs], {2 * rows} rows "
-                         f"for a batch of {rows})")  # fmt: skip
+            exc.add_note(f"(raised in npn.objective's paired pass: the model's layers saw [inputs; inputs], "
+                         f"{2 * rows} rows for a batch of {rows})")  # fmt: skip
             raise
     first, second = _halves(out, rows)
     f = _scalar(loss_fn(first, target))

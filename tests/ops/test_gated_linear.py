@@ -415,6 +415,31 @@ def test_doubled_batch_vouches_for_its_halves_only_while_unmodified():
 
 @pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
 @pytest.mark.parametrize("granularity", ["in", "out"])
+@pytest.mark.parametrize("closed", [0.3, 0.9], ids=["most open", "gathered"])
+def test_paired_from_one_batch_is_the_doubled_batch(granularity, closed):
+    """paired = 2 (csrc/cpu/npn_cpu.h's Pairing): x [m, K] stands for [x; x], y has 2m rows. The
+    output, penalty and gradients are the bits of paired = 1 on torch.cat([x, x]), dx being the
+    first half's (the second half of a paired batch gets none); other values are refused."""
+    from npn_kernels import _ext
+
+    x, weight, bias, phi = _inputs(5, 37, 11, granularity, torch.float32, closed=closed)
+    seed, offset = rng_tensors(3, 7, "cpu")
+    coef = [float(11 if granularity == "in" else 37), 1e-3, 0.05]
+    grad_y = torch.randn(10, 11, generator=torch.Generator().manual_seed(6))
+    results = []
+    for paired, batch in ((2, x), (1, torch.cat([x, x]))):
+        leaves = [t.clone().requires_grad_() for t in (batch, weight, bias, phi)]
+        y, u, p = _ext.ops.gated_linear(*leaves, seed, offset, 0, [5.0], granularity, True, paired, False, 0.5, coef)
+        grads = torch.autograd.grad((y, p), leaves, (grad_y, torch.tensor(1.7)))
+        results.append([y, u, p, grads[0][:5], *grads[1:]])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="paired: expected 0 .plain., 1 .a paired batch. or 2"):
+        _ext.ops.gated_linear(x, weight, bias, phi, seed, offset, 0, [5.0], granularity, True, 3, False, 0.5, [])
+
+
+@pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
+@pytest.mark.parametrize("granularity", ["in", "out"])
 @pytest.mark.parametrize("batch", ["plain", "paired", "paired equal halves"])
 @pytest.mark.parametrize("closed", [0.3, 0.9], ids=["most open", "gathered"])
 def test_backward_from_what_the_forward_kept(granularity, batch, closed):

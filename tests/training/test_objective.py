@@ -307,11 +307,61 @@ def test_paired_pass_error_says_the_batch_was_doubled():
 
 
 @pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
+class _Wrapped(nn.Module):
+    """``inner`` behind a forward of its own: not an nn.Sequential, so npn.objective hands it
+    [inputs; inputs]."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def _reused_first():
+    first = npn.GatedLinear(6, 6, gate=K7, l0=0.05, weight_decay=0.01)
+    return nn.Sequential(first, nn.ReLU(), first, nn.Tanh(), npn.GatedLinear(6, 3, gate=K7, l0=0.05))
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
+@pytest.mark.parametrize("case", ["mlp", "first layer called again", "first layer in evaluation", "inputs need grad"])
+def test_sequential_first_layer_doubles_the_batch(backend, case):
+    """In ARM's paired pass the first gated layer of an nn.Sequential takes the batch itself and
+    its output doubles it (PAIRED_FROM_ONE: the C++ layer never writes [x; x]). The loss, every
+    gradient (the inputs' too) and the counters are the bits of the same step of the same layers
+    behind a forward of their own, which get [inputs; inputs]; a first layer that the model calls
+    again gets the paired rows the second time, and one in evaluation mode doubles its output."""
+    torch.manual_seed(5)
+    base = _reused_first() if case == "first layer called again" else _mlp()
+    if case == "first layer in evaluation":
+        base[0].eval()
+    x, target = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    results, rows_seen = [], []
+    for model in (copy.deepcopy(base), _Wrapped(copy.deepcopy(base))):
+        seq = model if isinstance(model, nn.Sequential) else model.inner
+        seen = []
+        seq[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+        xs = x.clone().requires_grad_(case == "inputs need grad")
+        with npn.backends.use(backend):
+            for _ in range(2):
+                loss = npn.objective(model, F.cross_entropy, xs, target)
+                loss.backward()
+        grads = [p.grad for p in seq.parameters()] + ([xs.grad] if xs.requires_grad else [])
+        results.append([loss.detach(), *grads, *(m.offset for m in seq if isinstance(m, npn.nn.GatedModule))])
+        rows_seen.append(seen)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    calls = 2 if case == "first layer called again" else 1
+    assert rows_seen[0] == [7, 14][:calls] * 2  # the Sequential's first layer got the batch itself
+    assert rows_seen[1] == [14] * calls * 2
+
+
 @pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
 def test_paired_batch_from_doubled_matches_cat(monkeypatch):
-    """On the cpu backend the paired batch comes from npn_ext.doubled, whose halves the first
-    layer takes as equal without comparing them: the loss and every gradient are the bits of the
-    same step on torch.cat's batch (compared)."""
+    """On the cpu backend the paired batch of a model that is not an nn.Sequential comes from
+    npn_ext.doubled, whose halves the first layer takes as equal without comparing them: the loss
+    and every gradient are the bits of the same step on torch.cat's batch (compared)."""
     import importlib
 
     objective_module = importlib.import_module("npn_kernels.training.objective")
@@ -320,7 +370,7 @@ def test_paired_batch_from_doubled_matches_cat(monkeypatch):
     for doubled in (objective_module._doubled, lambda inputs: torch.cat([inputs, inputs])):
         monkeypatch.setattr(objective_module, "_doubled", doubled)
         torch.manual_seed(3)
-        model = _mlp()
+        model = _Wrapped(_mlp())
         with npn.backends.use("cpu"):
             loss = npn.objective(model, F.cross_entropy, x, target)
         loss.backward()
