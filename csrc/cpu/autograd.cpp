@@ -156,10 +156,11 @@ Tensor penalty_sum(const Tensor& diff, at::TensorList penalties) {
   return total.to(at::promote_types(total.scalar_type(), diff.scalar_type()), false, true);
 }
 
-// ARM's surrogate (npn.objective, DESIGN 4.3): the sum of the layers' penalties (0-dim), whose
-// gradient in phis[i] is also ks[i]·grad·diff·(us[i] − halves[i]), in phi's dtype; us[i]
-// (float32) has phis[i]'s shape. The penalties pass through it rather than through three adds
-// of their own (~10 us each, forward and backward, 2026-11-25). One node for all layers, with
+// ARM's surrogate (npn.objective, DESIGN 4.3): the sum of the 0-dim terms `penalties` (the
+// objective's task loss, then the layers' penalties), whose gradient in phis[i] is also
+// ks[i]·grad·diff·(us[i] − halves[i]), in phi's dtype; us[i] (float32) has phis[i]'s shape. The
+// terms pass through it rather than through adds of their own (~10 us each, forward and
+// backward, 2026-11-25). One node for all layers, with
 // the arithmetic of the three foreach calls of the Python Function
 // (_ArmSurrogate in npn_kernels/training/objective.py) that torch.compile and the other backends
 // use, so both give the same bits. Why in C++: as a Python autograd.Function the node cost ~95 us

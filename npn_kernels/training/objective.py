@@ -75,11 +75,12 @@ def _penalty_sum(diff: Tensor, penalties: list[Tensor]) -> Tensor:
 
 
 class _ArmSurrogate(torch.autograd.Function):
-    """The layers' penalties summed (0-dim), whose gradient in phis[i] is also
+    """The 0-dim terms ``penalties`` summed (npn.objective's task loss, then the layers'
+    penalties), whose gradient in phis[i] is also
     ks[i]·diff·(us[i] − halves[i]) (in phi's dtype): apply(diff, ks, halves, *phis, *us,
     *penalties). Bookkeeping only, one node for all layers, and the arithmetic happens in the
     backward, three foreach calls for all layers: in the forward it was ~6 ATen calls per layer
-    (row C4, 2026-11-25), then one subtraction per layer, ~30 us a step. The penalties pass
+    (row C4, 2026-11-25), then one subtraction per layer, ~30 us a step. The loss and penalties pass
     through it instead of through adds of their own (~10 us each with their backward). Eager calls
     on the cpu backend take the same node in C++ (npn_ext::arm_surrogate, see _arm)."""
 
@@ -104,8 +105,8 @@ class _ArmSurrogate(torch.autograd.Function):
 
 
 def _surrogate(layers: list[GatedModule], draws: Draws, diff: Tensor, penalties: list[Tensor]) -> Tensor:
-    """The sum of ``penalties`` (0-dim), whose gradient in each layer's phi is also ARM's
-    c = k·(f(z') − f(z))·(u − 1/2).
+    """The sum of ``penalties`` (0-dim terms: the objective's task loss first, then the layers'
+    penalties), whose gradient in each layer's phi is also ARM's c = k·(f(z') − f(z))·(u − 1/2).
 
     Example noise draws one u per row and unit: each is its own Bernoulli variable with the same
     pi, so phi's estimate is the sum over rows of the per-variable ARM terms (still unbiased).
@@ -201,7 +202,7 @@ def _two_passes(model, modules, layers, loss_fn, inputs, target, average: bool, 
             for name, b in buffers.items():
                 setattr(bn, name, b)
     task = (f + f2) / 2 if average else f
-    return task + _surrogate(layers, draws, (f2 - f).detach(), penalty_terms(modules, penalties))
+    return _surrogate(layers, draws, (f2 - f).detach(), [task, *penalty_terms(modules, penalties)])
 
 
 def objective(model: nn.Module, loss_fn, inputs: Tensor, target, *, average: bool = False) -> Tensor:
@@ -264,4 +265,4 @@ def _objective(model, modules, loss_fn, inputs, target, average, record: Draws) 
     f = _scalar(loss_fn(first, target))
     with torch.no_grad():  # f(z') is a value only: no graph to record
         f2 = _scalar(loss_fn(second, target))
-    return f + _surrogate(layers, draws, f2 - f.detach(), penalty_terms(modules, penalties))
+    return _surrogate(layers, draws, f2 - f.detach(), [f, *penalty_terms(modules, penalties)])
