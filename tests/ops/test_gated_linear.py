@@ -419,7 +419,8 @@ def test_doubled_batch_vouches_for_its_halves_only_while_unmodified():
 def test_paired_from_one_batch_is_the_doubled_batch(granularity, closed):
     """paired = 2 (csrc/cpu/npn_cpu.h's Pairing): x [m, K] stands for [x; x], y has 2m rows. The
     output, penalty and gradients are the bits of paired = 1 on torch.cat([x, x]), dx being the
-    first half's (the second half of a paired batch gets none); other values are refused."""
+    first half's (the second half of a paired batch gets none), and the penalty those of a plain
+    call; other values are refused."""
     from npn_kernels import _ext
 
     x, weight, bias, phi = _inputs(5, 37, 11, granularity, torch.float32, closed=closed)
@@ -434,6 +435,9 @@ def test_paired_from_one_batch_is_the_doubled_batch(granularity, closed):
         results.append([y, u, p, grads[0][:5], *grads[1:]])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+    # the penalty does not depend on the batch: the plain call's bits
+    plain = _ext.ops.gated_linear(x, weight, bias, phi, seed, offset, 0, [5.0], granularity, True, 0, False, 0.5, coef)
+    assert torch.equal(results[0][2], plain[2])
     with pytest.raises(RuntimeError, match="paired: expected 0 .plain., 1 .a paired batch. or 2"):
         _ext.ops.gated_linear(x, weight, bias, phi, seed, offset, 0, [5.0], granularity, True, 3, False, 0.5, [])
 
