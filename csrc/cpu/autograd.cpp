@@ -151,6 +151,19 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
 // diff's, a new tensor; a zero of diff's dtype when there are none.
 Tensor penalty_sum(const Tensor& diff, at::TensorList penalties) {
   if (penalties.empty()) return at::zeros({}, diff.options());
+  // all float32 (npn.objective's usual terms): summed here, in order and in float, the bits of
+  // torch's adds, without their three or four dispatcher calls (~2 us each, 2026-11-25)
+  bool all_float = diff.scalar_type() == at::kFloat;
+  for (const Tensor& p : penalties) {
+    all_float = all_float && p.scalar_type() == at::kFloat && p.dim() == 0 && p.is_cpu();
+  }
+  if (all_float) {
+    float sum = *penalties[0].const_data_ptr<float>();
+    for (size_t i = 1; i < penalties.size(); ++i) sum += *penalties[i].const_data_ptr<float>();
+    Tensor total = at::empty({}, diff.options());
+    *total.mutable_data_ptr<float>() = sum;
+    return total;
+  }
   Tensor total = penalties[0];
   for (size_t i = 1; i < penalties.size(); ++i) total = total + penalties[i];
   return total.to(at::promote_types(total.scalar_type(), diff.scalar_type()), false, true);

@@ -412,6 +412,13 @@ def test_arm_surrogate_nodes_agree(monkeypatch):
     for a, b, d, u, k, h in zip(*grads, dtypes, us, ks, halves):
         assert a.dtype == d and torch.equal(a, b)
         assert_close(a.float(), (k * 2.5 * float(diff) * (u - h)).to(d).float())
+    # float32 terms only (the objective's usual ones, which the C++ node sums itself): torch's
+    # adds in order, whose rounding here depends on the order
+    terms = [torch.tensor(v) for v in (2.3, 1e8, -1e8, 1e-8)]
+    expected = terms[0] + terms[1] + terms[2] + terms[3]
+    cpp, python = _ext.ops.arm_surrogate(diff, [], [], [], [], terms), objective_module._ArmSurrogate.apply(diff, (), (), *terms)
+    for out in (cpp, python):
+        assert out.dtype == torch.float32 and torch.equal(out, expected)
 
     calls = []
     original = objective_module._ArmSurrogate.apply
