@@ -63,7 +63,7 @@ struct Gates {
   // d phi [P] of sum(grad_z ⊙ z).
   Tensor vector_backward(const Tensor& grad_z) const {
     Tensor grad_phi = at::empty_like(phi);
-    sample_gates_backward(grad_z.to(phi.scalar_type()).contiguous(), phi, seed, offset, family,
+    sample_gates_backward(as_dtype(grad_z, phi.scalar_type()).contiguous(), phi, seed, offset, family,
                           params, training, grad_phi);
     return grad_phi;
   }
@@ -126,6 +126,22 @@ Tensor scaled(const Tensor& x, const Tensor& z, bool fresh = false) {
   scale_halves(xc, z.contiguous(), xc.size(0), out);  // every row in the first "half": z
   return out;
 }
+
+// Whether row r of z [2, P] (contiguous, a paired call's [z; z']) has fewer than compact_below·P
+// gates open: open_units' count, without the select of the row.
+bool row_gathers(const Tensor& z, int64_t r, double compact_below) {
+  TORCH_INTERNAL_ASSERT(z.dim() == 2 && z.is_contiguous());
+  const int64_t p = z.size(1);
+  int64_t open = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "row_gathers", [&] {
+    const scalar_t* zp = z.const_data_ptr<scalar_t>() + r * p;
+    for (int64_t i = 0; i < p; ++i) open += static_cast<float>(zp[i]) != 0.0f;
+  });
+  return gathers(open, p, compact_below);
+}
+
+// The first m rows of t: t itself when it has m (narrow dispatches three view ops even then).
+Tensor head(const Tensor& t, int64_t m) { return t.size(0) == m ? t : t.narrow(0, 0, m); }
 
 // Indices of the nonzero gates of z [P] when fewer than compact_below·P are open, else undefined
 // (function.py's _open_units). Counted first in a loop: most calls (row C4: 95% open) need no
@@ -199,7 +215,7 @@ std::tuple<Tensor, Tensor> structured_half(const Gates& g, const Tensor& x, cons
                                            const std::optional<Tensor>& b,
                                            c10::string_view granularity, bool antithetic,
                                            double compact_below, Tensor* keep_xz = nullptr) {
-  const Tensor z = g.vector(antithetic).to(x.scalar_type());
+  const Tensor z = as_dtype(g.vector(antithetic), x.scalar_type());
   if (granularity == "in") return {in_forward(x, w, b, z, compact_below, nullptr, keep_xz), Tensor()};
   Tensor y_pre = out_pre(x, w, b, open_units(z, compact_below));
   return {y_pre * z, y_pre};
@@ -234,6 +250,19 @@ void check_layer(const Tensor& x, const Tensor& w, const std::optional<Tensor>& 
               "paired: needs Binary gates in training");
   TORCH_CHECK(paired != kPairedBatch || x.size(0) % 2 == 0,
               "paired: a paired batch [x; x'] needs an even number of rows, got ", x.size(0));
+}
+
+// p += v for a 0-dim penalty p: in place for float32 / float64, in p's dtype as add_ rounds it
+// (the same bits), without add_'s dispatch and TensorIterator setup.
+void add_to_scalar(Tensor& p, double v) {
+  if (p.is_cpu() && p.scalar_type() == at::kFloat) {
+    float* pp = p.mutable_data_ptr<float>();
+    *pp = *pp + static_cast<float>(v);
+  } else if (p.is_cpu() && p.scalar_type() == at::kDouble) {
+    *p.mutable_data_ptr<double>() += v;
+  } else {
+    p.add_(v);
+  }
 }
 
 // A layer's penalty (DESIGN 2.1/2.2, GatedModule.penalty in Python): l0_penalty of its gates
@@ -275,7 +304,7 @@ struct LayerPenalty {
                    ? l0_penalty_grouped(g.phi, *w, g.family, g.params, group_size, l0,
                                         weight_decay, sumsq)
                    : l0_penalty(g.phi, w, g.family, g.params, group_size, l0, weight_decay, false);
-    if (bias.has_value() && weight_decay != 0) p.add_(bias_sumsq() * (weight_decay / 2));
+    if (bias.has_value() && weight_decay != 0) add_to_scalar(p, bias_sumsq() * (weight_decay / 2));
     return p;
   }
 
@@ -316,7 +345,7 @@ struct LayerPenalty {
   // db += d bias of weight_decay/2·||b||² = grad·weight_decay·b: one call, as the penalty's
   // gradient is a CPU scalar (this layer's).
   void add_bias_backward(Tensor& db, const Tensor& grad) const {
-    if (bias.has_value() && weight_decay != 0) db.add_(*bias, grad.item<double>() * weight_decay);
+    if (bias.has_value() && weight_decay != 0) db.add_(*bias, read_scalar(grad) * weight_decay);
   }
 };
 
@@ -355,9 +384,10 @@ std::tuple<Tensor, Tensor> layer_forward(const Tensor& x, const Tensor& weight,
   const int64_t m = paired == kPairedFromOne ? x.size(0) : x.size(0) / 2;
   const auto [u, z] = paired_gates(g.phi, g.seed, g.offset, g.params, x.scalar_type());
   if (paired == kPairedFromOne || same_halves(x, m)) {
-    return {paired_same_input(x.narrow(0, 0, m), weight, bias, granularity, z, compact_below, keep_xz), u};
+    const Tensor x1 = paired == kPairedFromOne ? x : x.narrow(0, 0, m);
+    return {paired_same_input(x1, weight, bias, granularity, z, compact_below, keep_xz), u};
   }
-  if (open_units(z[0], compact_below).defined() || open_units(z[1], compact_below).defined()) {
+  if (row_gathers(z, 0, compact_below) || row_gathers(z, 1, compact_below)) {
     auto first = std::get<0>(structured_half(g, x.narrow(0, 0, m), weight, bias, granularity,
                                              false, compact_below, keep_xz));
     auto second = std::get<0>(
@@ -461,11 +491,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward_kept(
   };
   // m: the first half's rows, x1's (the whole batch unless it is a paired batch [x; x'])
   const int64_t m_all = x.size(0), m = paired == kPairedBatch ? m_all / 2 : m_all;
-  const Tensor dy = grad_y.contiguous().narrow(0, 0, m), x1 = x.narrow(0, 0, m);
+  const Tensor dy = head(grad_y.contiguous(), m), x1 = head(x, m);
   // dx of a paired batch: the second half's rows are zero, the first half's written in place
   Tensor dx_all = need_x && paired == kPairedBatch ? at::empty(x.sizes(), x.options()) : Tensor();
   if (dx_all.defined()) dx_all.narrow(0, m, m_all - m).zero_();
-  Tensor dx = dx_all.defined() ? dx_all.narrow(0, 0, m) : Tensor(), dw, db, dphi;
+  Tensor dx = dx_all.defined() ? head(dx_all, m) : Tensor(), dw, db, dphi;
   // dx = a·b, or a ⊙ b (elementwise), into dx's first half when paired
   auto input_grad = [&](const Tensor& a, const Tensor& b, bool product) {
     if (!dx.defined()) return product ? a.mm(b) : a * b;
@@ -495,7 +525,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward_kept(
     workspace().sample.clear();  // s may now hold d phi
     if (need_w && pen_dw.defined()) dw.add_(pen_dw);
   } else {
-    const Tensor z = g.vector(false).to(x.scalar_type());
+    const Tensor z = as_dtype(g.vector(false), x.scalar_type());
     const Tensor idx = open_units(z, compact_below);
     if (granularity == "in") {
       if (!idx.defined()) {
@@ -534,7 +564,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_backward_kept(
   }
   if (pen_dphi.defined()) dphi = dphi.defined() ? dphi.add_(pen_dphi) : pen_dphi;
   if (dx_all.defined()) dx = dx_all;
-  if (want_phi) dphi = dphi.defined() ? dphi.view(phi.sizes()) : at::zeros_like(phi);
+  if (want_phi && dphi.defined() && dphi.sizes() != phi.sizes()) dphi = dphi.view(phi.sizes());
+  if (want_phi && !dphi.defined()) dphi = at::zeros_like(phi);
   auto or_empty = [](const Tensor& t, const Tensor& like) { return t.defined() ? t : at::empty({0}, like.options()); };
   return {or_empty(dx, x), or_empty(dw, x), or_empty(db, x), or_empty(dphi, phi)};
 }

@@ -538,7 +538,12 @@ at::Tensor l0_penalty(const at::Tensor& phi, const std::optional<at::Tensor>& we
         });
       });
   check_not_finite_count(sum.not_finite, n);
-  out.fill_(sum.total);
+  // written in place (as fill_ rounds it) rather than by fill_'s dispatch
+  if (acc_type == at::kDouble) {
+    *out.mutable_data_ptr<double>() = sum.total;
+  } else {
+    *out.mutable_data_ptr<float>() = static_cast<float>(sum.total);
+  }
   return out;
 }
 
@@ -570,7 +575,7 @@ void l0_penalty_backward(const at::Tensor& grad, const at::Tensor& phi,
   const int64_t n = phi.numel();
   if (n == 0) return;
   const at::Tensor x = phi.contiguous();
-  const double gv = grad.item<double>();
+  const double gv = read_scalar(grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, phi.scalar_type(), "l0_penalty_backward", [&] {
         using T = at::opmath_type<scalar_t>;
@@ -601,7 +606,8 @@ at::Tensor l0_penalty_grouped(const at::Tensor& phi, const at::Tensor& weight, i
   TORCH_CHECK(is_grouped(w, phi), "weight: expected grouped weights [A, ", phi.numel(),
               ", B], got ", w.sizes());
   q = grouped_sumsq(w, phi);
-  return l0_penalty(phi.to(q.scalar_type()), q, family, params, group_size, l0, weight_decay, true);
+  return l0_penalty(as_dtype(phi, q.scalar_type()), q, family, params, group_size, l0, weight_decay,
+                    true);
 }
 
 // l0_penalty_backward of grouped weights [A, P, B] with their q = grouped_sumsq(W) [P] given: the
@@ -614,10 +620,12 @@ void l0_penalty_backward_grouped(const at::Tensor& grad, const at::Tensor& phi,
   const at::Tensor w = checked_weight(weight, phi);
   TORCH_CHECK(is_grouped(w, phi) && q.sizes() == phi.sizes(), "q: expected [", phi.numel(),
               "] for grouped weights, got ", q.sizes(), " for weight ", w.sizes());
-  const at::Tensor grad_phi_q = at::empty_like(q), grad_q = at::empty_like(q);
-  l0_penalty_backward(grad, phi.to(q.scalar_type()), q, family, params, group_size, l0,
+  // d phi straight into grad_phi where phi has q's dtype (float32 / float64), else converted
+  const bool direct = phi.scalar_type() == q.scalar_type();
+  const at::Tensor grad_phi_q = direct ? grad_phi : at::empty_like(q), grad_q = at::empty_like(q);
+  l0_penalty_backward(grad, as_dtype(phi, q.scalar_type()), q, family, params, group_size, l0,
                       weight_decay, true, grad_phi_q, grad_q);
-  grad_phi.copy_(grad_phi_q);
+  if (!direct) grad_phi.copy_(grad_phi_q);
   if (grad_weight.has_value() && grad_weight->defined()) {
     grouped_sumsq_backward(w, grad_q, grad_weight->view(w.sizes()));
   }

@@ -21,6 +21,13 @@ uint64_t read_u64_scalar(const at::Tensor& t, const char* name) {
   return static_cast<uint64_t>(t.item<int64_t>());
 }
 
+double read_scalar(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.numel() == 1);
+  if (t.is_cpu() && t.scalar_type() == at::kFloat) return *t.const_data_ptr<float>();
+  if (t.is_cpu() && t.scalar_type() == at::kDouble) return *t.const_data_ptr<double>();
+  return t.item<double>();
+}
+
 // out [n] float32, contiguous; element i = uniform_at(seed, offset, i).
 void uniforms(const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& out) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.is_cpu(),
