@@ -217,7 +217,12 @@ struct ArmSurrogateFunction : public torch::autograd::Function<ArmSurrogateFunct
     const size_t n = ks.size();
     // the Python node's grad · diff (in diff's dtype), which its last foreach call multiplies
     // into float32 u − 1/2 as a float32 scalar
-    const auto gd = static_cast<float>((grads[0] * saved[0]).item<double>());
+    // (float32 both: their product read in place, the same float multiply without two dispatches)
+    const Tensor& grad = grads[0];
+    const bool f32 = grad.scalar_type() == at::kFloat && saved[0].scalar_type() == at::kFloat;
+    const auto gd =
+        f32 ? static_cast<float>(read_scalar(grad)) * static_cast<float>(read_scalar(saved[0]))
+            : static_cast<float>((grad * saved[0]).item<double>());
     std::vector<Tensor> dphis;
     for (size_t i = 0; i < n; ++i) {
       // the Python node's three foreach calls, in their order and float32 rounding, in one loop:
@@ -240,7 +245,7 @@ struct ArmSurrogateFunction : public torch::autograd::Function<ArmSurrogateFunct
       out[3 + i] = dphis[i].scalar_type() == dtype ? dphis[i] : dphis[i].to(dtype);
     }
     for (size_t i = 0; i < penalty_dtypes.size(); ++i) {
-      out[3 + 2 * n + i] = grads[0].to(static_cast<at::ScalarType>(penalty_dtypes[i]));
+      out[3 + 2 * n + i] = as_dtype(grad, static_cast<at::ScalarType>(penalty_dtypes[i]));
     }
     return out;
   }

@@ -63,8 +63,8 @@ struct Gates {
   // d phi [P] of sum(grad_z ⊙ z).
   Tensor vector_backward(const Tensor& grad_z) const {
     Tensor grad_phi = at::empty_like(phi);
-    sample_gates_backward(as_dtype(grad_z, phi.scalar_type()).contiguous(), phi, seed, offset, family,
-                          params, training, grad_phi);
+    sample_gates_backward(as_dtype(grad_z, phi.scalar_type()).contiguous(), phi, seed, offset,
+                          family, params, training, grad_phi);
     return grad_phi;
   }
 };
@@ -216,7 +216,9 @@ std::tuple<Tensor, Tensor> structured_half(const Gates& g, const Tensor& x, cons
                                            c10::string_view granularity, bool antithetic,
                                            double compact_below, Tensor* keep_xz = nullptr) {
   const Tensor z = as_dtype(g.vector(antithetic), x.scalar_type());
-  if (granularity == "in") return {in_forward(x, w, b, z, compact_below, nullptr, keep_xz), Tensor()};
+  if (granularity == "in") {
+    return {in_forward(x, w, b, z, compact_below, nullptr, keep_xz), Tensor()};
+  }
   Tensor y_pre = out_pre(x, w, b, open_units(z, compact_below));
   return {y_pre * z, y_pre};
 }
@@ -230,7 +232,8 @@ void check_layer(const Tensor& x, const Tensor& w, const std::optional<Tensor>& 
   TORCH_CHECK(!b.has_value() || (b->dim() == 1 && b->size(0) == w.size(0)),
               "bias: expected [", w.size(0), "], got ", b->sizes());
   if (keep_sample) {
-    TORCH_CHECK(is_weight(granularity) && family == kHardConcrete && training && paired == kPlainBatch,
+    TORCH_CHECK(is_weight(granularity) && family == kHardConcrete && training &&
+                    paired == kPlainBatch,
                 "keep_sample: HardConcrete weight gates in training only");
     TORCH_CHECK(phi.numel() == w.numel(), "phi: expected weight's ", w.numel(),
                 " gates, got shape ", phi.sizes());
@@ -244,7 +247,8 @@ void check_layer(const Tensor& x, const Tensor& w, const std::optional<Tensor>& 
   TORCH_CHECK(phi.dim() == 1 && phi.size(0) == units, "phi: expected [", units,
               "] for granularity '", granularity, "', got ", phi.sizes());
   TORCH_CHECK(paired >= kPlainBatch && paired <= kPairedFromOne,
-              "paired: expected 0 (plain), 1 (a paired batch) or 2 (one batch for both halves), got ",
+              "paired: expected 0 (plain), 1 (a paired batch) or 2 (one batch for both halves), "
+              "got ",
               paired);
   TORCH_CHECK(paired == kPlainBatch || (family == kBinary && training),
               "paired: needs Binary gates in training");
@@ -377,7 +381,8 @@ std::tuple<Tensor, Tensor> layer_forward(const Tensor& x, const Tensor& weight,
     return {at::linear(x, wz, bias), s};
   }
   if (paired == kPlainBatch) {
-    auto [y, y_pre] = structured_half(g, x, weight, bias, granularity, false, compact_below, keep_xz);
+    auto [y, y_pre] =
+        structured_half(g, x, weight, bias, granularity, false, compact_below, keep_xz);
     return {y, g.family == kHardConcrete && granularity == "out" ? y_pre : none()};
   }
   // a paired call's aux: the noise u [P] of its gates z = [z; z'] [2, P] (ARM's surrogate reads it)

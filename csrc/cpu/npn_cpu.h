@@ -128,8 +128,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
 // node, csrc/cpu/autograd.cpp), so that the backward need not compute it again.
 struct LayerKept {
   bool keep_xz = false;  // in: keep x1 ⊙ z (the backward's dW needs it)
-  at::Tensor sumsq;      // the penalty's q = ||W_g||² per unit [P] ("in"/"out" gates with weight decay)
-  at::Tensor xz;         // x1 ⊙ z [m, K] of "in" gates without compaction (m: the first half's rows)
+  at::Tensor sumsq;  // the penalty's q = ||W_g||² per unit [P] ("in"/"out" gates, weight decay)
+  at::Tensor xz;     // x1 ⊙ z [m, K] of "in" gates without compaction (m: first half's rows)
 };
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_linear_keeping(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
