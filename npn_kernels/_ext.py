@@ -55,10 +55,10 @@ _LIB.define(
     "Tensor(b!)? grad_phi, Tensor(c!)? a_gated) -> ()"
 )
 # The gated linear layer, CPU only (csrc/cpu/gated_linear.cpp): "in"/"out" gates with batch noise,
-# or HardConcrete "weight" gates with keep_sample; its autograd runs in C++. paired: 0 (plain), 1
-# (a paired batch [x; x']) or 2 (one batch x for both halves: y has 2·rows rows; csrc/cpu/npn_cpu.h's
-# Pairing); a bool passes as 0 / 1. aux: see the source;
-# the third output is the layer's penalty when penalty = [group_size, l0, weight_decay], else [0].
+# or HardConcrete "weight" gates with keep_sample; its autograd runs in C++. paired: 0 (plain),
+# 1 (a paired batch [x; x']) or 2 (one batch x for both halves: y has 2·rows rows; the Pairing of
+# csrc/cpu/npn_cpu.h); a bool passes as 0 / 1. aux: see the source; the third output is the
+# layer's penalty when penalty = [group_size, l0, weight_decay], else [0].
 _LIB.define(
     "gated_linear(Tensor x, Tensor weight, Tensor? bias, Tensor phi, Tensor seed, Tensor offset, int family, "
     "float[] params, str granularity, bool training, int paired, bool keep_sample, float compact_below, "
@@ -70,8 +70,9 @@ _LIB.define(
     "bool training, int paired, bool keep_sample, float compact_below, float[] penalty, bool[4] needs) "
     "-> (Tensor, Tensor, Tensor, Tensor)"
 )
-# ARM's surrogate of npn.objective (csrc/cpu/autograd.cpp): the sum of the 0-dim penalties (a zero
-# without any), whose gradient in phis[i] is also ks[i]·grad·diff·(us[i] − halves[i]); CPU tensors.
+# ARM's surrogate of npn.objective (csrc/cpu/autograd.cpp): the sum of the 0-dim terms `penalties`
+# (the objective's task loss, then the layers' penalties; a zero without any), whose gradient in
+# phis[i] is also ks[i]·grad·diff·(us[i] − halves[i]); CPU tensors.
 _LIB.define(
     "arm_surrogate(Tensor diff, float[] ks, float[] halves, Tensor[] phis, Tensor[] us, Tensor[] penalties) "
     "-> Tensor"

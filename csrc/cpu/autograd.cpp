@@ -173,12 +173,11 @@ Tensor penalty_sum(const Tensor& diff, at::TensorList penalties) {
 // objective's task loss, then the layers' penalties), whose gradient in phis[i] is also
 // ks[i]·grad·diff·(us[i] − halves[i]), in phi's dtype; us[i] (float32) has phis[i]'s shape. The
 // terms pass through it rather than through adds of their own (~10 us each, forward and
-// backward, 2026-11-25). One node for all layers, with
-// the arithmetic of the three foreach calls of the Python Function
-// (_ArmSurrogate in npn_kernels/training/objective.py) that torch.compile and the other backends
-// use, so both give the same bits. Why in C++: as a Python autograd.Function the node cost ~95 us
-// of a ~2.4 ms C4 step (a null Python node against none, 2026-11-25), most of it the engine's
-// call into Python.
+// backward, 2026-11-25). One node for all layers, with the arithmetic of the three foreach calls
+// of the Python Function (_ArmSurrogate in npn_kernels/training/objective.py) that torch.compile
+// and the other backends use, so both give the same bits. Why in C++: as a Python
+// autograd.Function the node cost ~95 us of a ~2.4 ms C4 step (a null Python node against none,
+// 2026-11-25), most of it the engine's call into Python.
 struct ArmSurrogateFunction : public torch::autograd::Function<ArmSurrogateFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& diff, std::vector<double> ks,
                         std::vector<double> halves, at::TensorList phis, at::TensorList us,

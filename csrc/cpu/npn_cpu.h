@@ -89,16 +89,16 @@ void hc_gate_mul_backward(const at::Tensor& grad, const at::Tensor& a, const at:
                           const std::optional<at::Tensor>& grad_a,
                           const std::optional<at::Tensor>& grad_phi,
                           const std::optional<at::Tensor>& a_gated);
-// The gated linear layer (csrc/cpu/gated_linear.cpp): structured batch-noise gates and
-// HardConcrete weight gates with keep_sample, optionally with the layer's penalty as a third
-// output (penalty_coef = {group_size, l0, weight_decay}); the Autograd kernel runs the backward
-// in C++.
 // A gated_linear call's batch, its `paired` argument: a plain batch; a paired batch [x; x'] of 2m
 // rows (ARM's one pass, DESIGN 4.3: the first half under z, the second under z'); or one batch
 // x [m, K] that stands for [x; x], whose output y [2m, N] is the paired one. The last is how the
 // first layer of an nn.Sequential takes npn.objective's batch: without writing [x; x] (800 KB,
 // ~50 us of a C4 step, 2026-11-25).
 enum Pairing : int64_t { kPlainBatch = 0, kPairedBatch = 1, kPairedFromOne = 2 };
+// The gated linear layer (csrc/cpu/gated_linear.cpp): structured batch-noise gates and
+// HardConcrete weight gates with keep_sample, optionally with the layer's penalty as a third
+// output (penalty_coef = {group_size, l0, weight_decay}); the Autograd kernel runs the backward
+// in C++.
 std::tuple<at::Tensor, at::Tensor> paired_gates(const at::Tensor& phi, const at::Tensor& seed,
                                                 const at::Tensor& offset,
                                                 c10::ArrayRef<double> params, at::ScalarType dtype);

@@ -306,7 +306,6 @@ def test_paired_pass_error_says_the_batch_was_doubled():
     assert torch.equal(model[0].offset, offset)
 
 
-@pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
 class _Wrapped(nn.Module):
     """``inner`` behind a forward of its own: not an nn.Sequential, so npn.objective hands it
     [inputs; inputs]."""
