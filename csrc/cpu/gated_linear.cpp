@@ -441,8 +441,11 @@ std::tuple<Tensor, Tensor, Tensor> gated_linear_keeping(
     double compact_below, c10::ArrayRef<double> penalty_coef, LayerKept& kept) {
   check_layer(x, weight, bias, phi, granularity, family, training, paired, keep_sample);
   const Gates g{flat(phi), seed, offset, family, params, training};
+  // x1 ⊙ z kept up to the workspace's 16 MB: past it the extra activation memory would grow with
+  // the batch, while writing it again is small next to the backward's GEMMs
+  const bool keep = kept.keep_xz && x.numel() * x.element_size() <= kWorkspaceMaxBytes;
   auto [y, aux] = layer_forward(x, weight, bias, g, granularity, paired, keep_sample, compact_below,
-                                kept.keep_xz ? &kept.xz : nullptr);
+                                keep ? &kept.xz : nullptr);
   const LayerPenalty pen(penalty_coef, g, weight, bias, granularity);
   return {y, aux, pen.active ? pen.value(kept.sumsq) : at::empty({0}, phi.options())};
 }

@@ -129,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
 struct LayerKept {
   bool keep_xz = false;  // in: keep x1 ⊙ z (the backward's dW needs it)
   at::Tensor sumsq;  // the penalty's q = ||W_g||² per unit [P] ("in"/"out" gates, weight decay)
-  at::Tensor xz;     // x1 ⊙ z [m, K] of "in" gates without compaction (m: first half's rows)
+  at::Tensor xz;     // x1 ⊙ z [m, K] of "in" gates without compaction, x up to 16 MB
 };
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_linear_keeping(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

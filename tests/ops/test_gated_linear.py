@@ -443,6 +443,32 @@ def test_paired_from_one_batch_is_the_doubled_batch(granularity, closed):
 
 
 @pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
+def test_kept_x_z_is_bounded():
+    """The autograd node keeps x ⊙ z for dW only while x is within the workspace's 16 MB: the saved
+    tensors of a small "in" layer hold x and x ⊙ z, those of a 1024x4100 float32 batch (16.8 MB)
+    x alone (the backward writes x ⊙ z again), and a call without grad saves nothing."""
+    from npn_kernels import _ext
+
+    def saved_shapes(m, k, grad=True):
+        shapes = []
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+
+        x, phi = torch.randn(m, k), torch.full((k,), 0.4, requires_grad=True)
+        weight = torch.randn(3, k, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.set_grad_enabled(grad):
+            seed, offset = rng_tensors(1, 0, "cpu")
+            _ext.ops.gated_linear(x, weight, None, phi, seed, offset, 0, [7.0], "in", True, 0, False, 0.8, [])
+        return shapes
+
+    assert saved_shapes(8, 37).count((8, 37)) == 2
+    assert saved_shapes(1024, 4100).count((1024, 4100)) == 1
+    assert saved_shapes(8, 37, grad=False) == []
+
+
+@pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the C++ extension did not load")
 @pytest.mark.parametrize("granularity", ["in", "out"])
 @pytest.mark.parametrize("batch", ["plain", "paired", "paired equal halves"])
 @pytest.mark.parametrize("closed", [0.3, 0.9], ids=["most open", "gathered"])
