@@ -127,17 +127,23 @@ Tensor scaled(const Tensor& x, const Tensor& z, bool fresh = false) {
   return out;
 }
 
+// The open gates (z != 0) among the n elements of contiguous z from element start on.
+int64_t count_open(const Tensor& z, int64_t start, int64_t n) {
+  TORCH_INTERNAL_ASSERT(z.is_contiguous() && start + n <= z.numel());
+  int64_t open = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "count_open", [&] {
+    const scalar_t* zp = z.const_data_ptr<scalar_t>() + start;
+    for (int64_t i = 0; i < n; ++i) open += static_cast<float>(zp[i]) != 0.0f;
+  });
+  return open;
+}
+
 // Whether row r of z [2, P] (contiguous, a paired call's [z; z']) has fewer than compact_below·P
 // gates open: open_units' count, without the select of the row.
 bool row_gathers(const Tensor& z, int64_t r, double compact_below) {
-  TORCH_INTERNAL_ASSERT(z.dim() == 2 && z.is_contiguous());
+  TORCH_INTERNAL_ASSERT(z.dim() == 2);
   const int64_t p = z.size(1);
-  int64_t open = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "row_gathers", [&] {
-    const scalar_t* zp = z.const_data_ptr<scalar_t>() + r * p;
-    for (int64_t i = 0; i < p; ++i) open += static_cast<float>(zp[i]) != 0.0f;
-  });
-  return gathers(open, p, compact_below);
+  return gathers(count_open(z, r * p, p), p, compact_below);
 }
 
 // The first m rows of t: t itself when it has m (narrow dispatches three view ops even then).
@@ -148,12 +154,7 @@ Tensor head(const Tensor& t, int64_t m) { return t.size(0) == m ? t : t.narrow(0
 // indices, and nonzero() costs ~6 us per call even for 100 gates.
 Tensor open_units(const Tensor& z, double compact_below) {
   const Tensor zc = z.contiguous();
-  int64_t open = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "open_units", [&] {
-    const scalar_t* zp = zc.const_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < zc.numel(); ++i) open += static_cast<float>(zp[i]) != 0.0f;
-  });
-  if (!gathers(open, zc.numel(), compact_below)) return Tensor();
+  if (!gathers(count_open(zc, 0, zc.numel()), zc.numel(), compact_below)) return Tensor();
   return zc.nonzero().view(-1);
 }
 
