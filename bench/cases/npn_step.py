@@ -14,6 +14,7 @@ from bench.registry import Case, Target, register
 K = 7.0
 L0 = 1e-4  # the same penalty strengths for npn and the authors' step (theirs: lamba / N, weight_decay / N)
 WD = 5e-4
+N = 60000  # the authors' training-set size: their model scales each layer's penalty by 1 / N
 # Every optimizer steps at lr = 0: the same work per step, and the gates stay at NPN's initial
 # state (pi = 0.95, all units open) in every round. At lr = 1e-3 the L0 penalty drove the first
 # layer's gates on this random data from pi = 0.95 to ~0.1 within ~1,000 steps; the npn step got
@@ -46,6 +47,7 @@ class AuthorsARMDense(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_out))
         self.z_phi = nn.Parameter(torch.full((n_in,), 3 / K))
         self.antithetic, self.u = False, None
+        self.lamba, self.weight_decay = L0 * N, WD * N
 
     def _mask(self, batch):
         pi = torch.sigmoid(K * self.z_phi).detach()
@@ -65,14 +67,24 @@ class AuthorsARMDense(nn.Module):
 
     def regularization(self):
         pi = torch.sigmoid(K * self.z_phi)
-        l2 = torch.sum(pi.data * (0.5 * WD * self.weights.pow(2)).sum(1)) + (0.5 * WD * self.bias.pow(2)).sum()
-        return L0 * pi.sum() * self.weights.shape[1] + l2
+        l0 = self.lamba * pi.sum() * self.weights.shape[1]
+        logpw = torch.sum(pi.data * torch.sum(0.5 * self.weight_decay * self.weights.pow(2), 1))
+        return l0 + (logpw + torch.sum(0.5 * self.weight_decay * self.bias.pow(2)))
 
 
 def _authors(dims):
     layers = [AuthorsARMDense(a, b) for a, b in pairwise(dims)]
     model = nn.Sequential(*[m for layer in layers for m in (layer, nn.ReLU())][:-1])
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    device = torch.device("cpu")
+
+    def criterion(output, target):
+        # theirs: a loss module built per call, the penalty summed from 0. and scaled by 1 / N
+        loss = nn.CrossEntropyLoss().to(device)(output, target)
+        regularization = 0.0
+        for layer in layers:
+            regularization += (1.0 / N) * layer.regularization()
+        return (regularization + loss).to(device)
 
     def step(x, y):
         optimizer.zero_grad()
@@ -82,12 +94,12 @@ def _authors(dims):
         model.eval()  # their second pass: evaluation mode, antithetic masks, a graph built and dropped
         for layer in layers:
             layer.antithetic = True
-        f_antithetic = F.cross_entropy(model(x), y).data
-        f = F.cross_entropy(score, y).data
+        f_antithetic = nn.CrossEntropyLoss()(model(x).data, y).data
+        f = nn.CrossEntropyLoss()(score, y).data
         for layer in layers:
             layer.arm_gradient(f_antithetic, f)
         model.train()
-        loss = F.cross_entropy(score, y) + sum(layer.regularization() for layer in layers)
+        loss = criterion(score, y)
         loss.backward()
         optimizer.step()
 
