@@ -23,6 +23,7 @@ TORCH_LIBRARY_IMPL(npn_ext, CPU, m) {
   m.impl("gated_linear_backward", &npn::cpu::gated_linear_backward);
   m.impl("arm_surrogate", &npn::cpu::arm_surrogate);
   m.impl("doubled", &npn::cpu::doubled);
+  m.impl("paired_mlp", &npn::cpu::paired_mlp);
 }
 
 // Ops whose backward is a C++ autograd node (no Python between forward and backward).
@@ -30,6 +31,7 @@ TORCH_LIBRARY_IMPL(npn_ext, AutogradCPU, m) {
   m.impl("gated_linear", &npn::cpu::gated_linear_autograd);
   m.impl("l0_penalty", &npn::cpu::l0_penalty_autograd);
   m.impl("arm_surrogate", &npn::cpu::arm_surrogate_autograd);
+  m.impl("paired_mlp", &npn::cpu::paired_mlp_autograd);
 }
 
 // Scalar-only ops carry no tensor to dispatch on.

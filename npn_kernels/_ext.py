@@ -80,6 +80,14 @@ _LIB.define(
 # [x; x] for npn.objective's paired pass, recorded so that the first layer's op knows its halves
 # are equal without comparing them (csrc/cpu/paired.cpp); CPU tensors.
 _LIB.define("doubled(Tensor x) -> Tensor")
+# The paired (ARM) pass of an MLP of GatedLinear layers in one op (csrc/cpu/paired_mlp.cpp): x [B, K]
+# -> (y1, y2 [B, N]: the output under z and under z', us, penalties); Binary gates with batch noise,
+# flags[i] = 1 for "in" gates (else "out") + 2 for a ReLU after layer i (not the last), penalty:
+# [group_size, l0, weight_decay] per layer; CPU tensors.
+_LIB.define(
+    "paired_mlp(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor[] phis, Tensor[] seeds, Tensor[] offsets, "
+    "float[] ks, int[] flags, float[] penalty, float compact_below) -> (Tensor, Tensor, Tensor[], Tensor[])"
+)
 _LIB.define("build_info() -> str")
 _LIB.define("parallel_threads(int n) -> int")
 

@@ -147,6 +147,98 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
   }
 };
 
+// One autograd node for npn_ext::paired_mlp (paired_mlp.cpp): the forward saves x, each later
+// layer's input (the paired ReLU outputs), the layers' tensors and what each layer kept; the
+// backward walks them in reverse. Outputs: y1 (differentiable), y2 and the noise us (not), then
+// the layers' penalties (differentiable). Inputs, as the engine counts them: x, the n weights,
+// biases (empty where a layer has none), phis, seeds and offsets, then ks, flags, penalty,
+// compact_below and keep_xz.
+struct PairedMlpFunction : public torch::autograd::Function<PairedMlpFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, at::TensorList weights,
+                               at::TensorList biases, at::TensorList phis, at::TensorList seeds,
+                               at::TensorList offsets, std::vector<double> ks,
+                               std::vector<int64_t> flags, std::vector<double> penalty,
+                               double compact_below, bool keep_xz) {
+    const MlpLayers layers{weights, biases, phis, seeds, offsets, ks, flags, penalty};
+    std::vector<Tensor> inputs, us, penalties;
+    std::vector<LayerKept> kept;
+    Tensor y1, y2;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // as GatedLinearFunction's forward
+      std::tie(y1, y2, us, penalties) =
+          paired_mlp_forward(x, layers, compact_below, keep_xz, &inputs, &kept);
+    }
+    const size_t n = weights.size();
+    variable_list to_save(inputs.begin(), inputs.end());
+    for (at::TensorList list : {weights, biases, phis, seeds, offsets}) {
+      to_save.insert(to_save.end(), list.begin(), list.end());
+    }
+    for (const LayerKept& k : kept) {
+      to_save.push_back(k.sumsq);
+      to_save.push_back(k.xz);
+    }
+    ctx->save_for_backward(to_save);
+    ctx->saved_data["ks"] = ks;
+    ctx->saved_data["flags"] = flags;
+    ctx->saved_data["penalty"] = penalty;
+    ctx->saved_data["compact_below"] = compact_below;
+    variable_list out{y1, y2};
+    out.insert(out.end(), us.begin(), us.end());
+    out.insert(out.end(), penalties.begin(), penalties.end());
+    variable_list not_differentiable{y2};
+    not_differentiable.insert(not_differentiable.end(), us.begin(), us.end());
+    ctx->mark_non_differentiable(not_differentiable);
+    ctx->set_materialize_grads(false);
+    TORCH_INTERNAL_ASSERT(out.size() == 2 + 2 * n);
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const std::vector<double> ks = ctx->saved_data["ks"].toDoubleVector();
+    const std::vector<int64_t> flags = ctx->saved_data["flags"].toIntVector();
+    const std::vector<double> penalty = ctx->saved_data["penalty"].toDoubleVector();
+    const size_t n = ks.size();
+    variable_list out(1 + 5 * n + 5);
+    const variable_list saved = ctx->get_saved_variables();
+    // saved: the n layer inputs, then the five lists of n, then (sumsq, xz) per layer
+    const std::vector<Tensor> inputs(saved.begin(), saved.begin() + n);
+    auto list = [&](size_t j) { return at::TensorList(saved).slice(n + j * n, n); };
+    const MlpLayers layers{list(0), list(1), list(2), list(3), list(4), ks, flags, penalty};
+    std::vector<LayerKept> kept;
+    for (size_t i = 0; i < n; ++i) kept.push_back({false, saved[6 * n + 2 * i], saved[6 * n + 2 * i + 1]});
+    std::vector<Tensor> grad_penalties(n);
+    bool any = grads[0].defined();
+    for (size_t i = 0; i < n && 2 + n + i < grads.size(); ++i) {
+      grad_penalties[i] = grads[2 + n + i];
+      any = any || grad_penalties[i].defined();
+    }
+    // edges: x, then weights, biases, phis (seeds and offsets never need one)
+    std::vector<std::array<bool, 3>> needs(n);
+    bool wanted = ctx->needs_input_grad(0);
+    for (size_t i = 0; i < n; ++i) {
+      needs[i] = {ctx->needs_input_grad(1 + i), ctx->needs_input_grad(1 + n + i),
+                  ctx->needs_input_grad(1 + 2 * n + i)};
+      wanted = wanted || needs[i][0] || needs[i][1] || needs[i][2];
+    }
+    if (!any || !wanted) return out;
+    // a penalty used without y1 (rare): the task's part is zero
+    const Tensor grad_y1 = grads[0].defined() ? grads[0] : at::zeros({inputs[0].size(0), layers.weights[n - 1].size(0)}, inputs[0].options());
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
+    auto [dx, dws, dbs, dphis] =
+        paired_mlp_backward(grad_y1, grad_penalties, layers,
+                            ctx->saved_data["compact_below"].toDouble(), inputs, kept,
+                            ctx->needs_input_grad(0), needs);
+    out[0] = dx;
+    for (size_t i = 0; i < n; ++i) {
+      if (needs[i][0]) out[1 + i] = dws[i];
+      if (needs[i][1]) out[1 + n + i] = dbs[i];
+      if (needs[i][2]) out[1 + 2 * n + i] = dphis[i];
+    }
+    return out;
+  }
+};
+
 // The sum of 0-dim penalties (p0 + p1 + ..., as torch adds them) in its dtype promoted with
 // diff's, a new tensor; a zero of diff's dtype when there are none.
 Tensor penalty_sum(const Tensor& diff, at::TensorList penalties) {
@@ -273,6 +365,23 @@ std::tuple<Tensor, Tensor, Tensor> gated_linear_autograd(
       x, weight, bias, phi, seed, offset, family, params.vec(), std::string(granularity),
       training, paired, keep_sample, compact_below, penalty_coef.vec(), keep_xz);
   return {out[0], out[1], out[2]};
+}
+
+// The Autograd kernel of npn_ext::paired_mlp (registered in csrc/register.cpp).
+std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> paired_mlp_autograd(
+    const Tensor& x, at::TensorList weights, const c10::List<std::optional<Tensor>>& biases,
+    at::TensorList phis, at::TensorList seeds, at::TensorList offsets, c10::ArrayRef<double> ks,
+    c10::ArrayRef<int64_t> flags, c10::ArrayRef<double> penalty, double compact_below) {
+  // x1 ⊙ z kept where the node is recorded (gated_linear_autograd; per layer: its W wants a gradient)
+  const bool keep_xz = at::GradMode::is_enabled();
+  // a TensorList, not a vector: apply counts each entry of a TensorList as an input of its own
+  const std::vector<Tensor> b = mlp_biases(biases, x);
+  const variable_list out = PairedMlpFunction::apply(
+      x, weights, at::TensorList(b), phis, seeds, offsets, ks.vec(), flags.vec(), penalty.vec(),
+      compact_below, keep_xz);
+  const auto n = static_cast<std::ptrdiff_t>(weights.size());
+  return {out[0], out[1], std::vector<Tensor>(out.begin() + 2, out.begin() + 2 + n),
+          std::vector<Tensor>(out.begin() + 2 + n, out.end())};
 }
 
 // npn_ext::arm_surrogate without autograd (no input needs a gradient): the penalties' sum.

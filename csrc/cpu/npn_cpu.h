@@ -1,6 +1,7 @@
 // Declarations of the CPU kernels registered in csrc/register.cpp.
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/string_view.h>
@@ -10,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "npn/gates.h"
 
@@ -152,6 +154,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_linear_autograd(
     const at::Tensor& phi, const at::Tensor& seed, const at::Tensor& offset, int64_t family,
     c10::ArrayRef<double> params, c10::string_view granularity, bool training, int64_t paired,
     bool keep_sample, double compact_below, c10::ArrayRef<double> penalty_coef);
+// The paired (ARM) pass of an MLP of GatedLinear layers (csrc/cpu/paired_mlp.cpp): Binary gates
+// with batch noise, flags[i] = kMlpInGates for "in" gates (else "out") | kMlpRelu for a ReLU
+// after layer i; penalty: [group_size, l0, weight_decay] per layer. Non-owning: the caller keeps
+// the lists alive; an empty bias stands for none (mlp_biases).
+enum MlpFlags : int64_t { kMlpInGates = 1, kMlpRelu = 2 };
+struct MlpLayers {
+  at::TensorList weights, biases, phis, seeds, offsets;
+  c10::ArrayRef<double> ks;
+  c10::ArrayRef<int64_t> flags;
+  c10::ArrayRef<double> penalty;
+};
+std::vector<at::Tensor> mlp_biases(const c10::List<std::optional<at::Tensor>>& biases,
+                                   const at::Tensor& like);
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
+paired_mlp_forward(const at::Tensor& x, const MlpLayers& layers, double compact_below,
+                   bool keep_xz, std::vector<at::Tensor>* inputs, std::vector<LayerKept>* kept);
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+paired_mlp_backward(const at::Tensor& grad_y1, const std::vector<at::Tensor>& grad_penalties,
+                    const MlpLayers& layers, double compact_below,
+                    const std::vector<at::Tensor>& inputs, const std::vector<LayerKept>& kept,
+                    bool need_x, const std::vector<std::array<bool, 3>>& needs);
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> paired_mlp(
+    const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+    at::TensorList phis, at::TensorList seeds, at::TensorList offsets, c10::ArrayRef<double> ks,
+    c10::ArrayRef<int64_t> flags, c10::ArrayRef<double> penalty, double compact_below);
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
+paired_mlp_autograd(const at::Tensor& x, at::TensorList weights,
+                    const c10::List<std::optional<at::Tensor>>& biases, at::TensorList phis,
+                    at::TensorList seeds, at::TensorList offsets, c10::ArrayRef<double> ks,
+                    c10::ArrayRef<int64_t> flags, c10::ArrayRef<double> penalty,
+                    double compact_below);
 at::Tensor arm_surrogate(const at::Tensor& diff, c10::ArrayRef<double> ks,
                          c10::ArrayRef<double> halves, at::TensorList phis, at::TensorList us,
                          at::TensorList penalties);

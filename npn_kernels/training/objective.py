@@ -7,8 +7,10 @@ value zero (never by writing .grad), so DDP, gradient accumulation and AMP see i
 
 f(z') comes from ONE pass over the doubled batch [x; x] (the ops' paired mode: the first half
 sees z, the second ARM's z' = 1[u > 1 − pi] from the same u, and its backward skips the second
-half). The first gated layer of an nn.Sequential takes x itself and doubles it in its output
-(PAIRED_FROM_ONE); other models get [x; x]. Models with BatchNorm in training mode couple the
+half). An nn.Sequential MLP of GatedLinear layers (and ReLUs) runs that pass as one C++ op on the
+cpu backend (npn_ext.paired_mlp: no module calls, one autograd node); otherwise the first gated
+layer of an nn.Sequential takes x itself and doubles it in its output (PAIRED_FROM_ONE), and
+other models get [x; x]. Models with BatchNorm in training mode couple the
 rows of a batch, so [x; x] would mix z- and z'-statistics: they take two passes (see
 :func:`_two_passes`).
 """
@@ -21,13 +23,17 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_map
 
 from npn_kernels import _ext, backends
 from npn_kernels.gates import Binary
-from npn_kernels.nn.modules import PAIRED_FROM_ONE, GatedModule, check_module, penalty_terms, penalty_with
+from npn_kernels.nn.modules import (PAIRED_FROM_ONE, GatedLinear, GatedModule, check_module, penalty_terms,
+                                    penalty_with)  # fmt: skip
 from npn_kernels.ops import eager
+from npn_kernels.ops.gated_linear.function import COMPACT_BELOW
+from npn_kernels.ops.rng import counters_for
 
 Draws = dict[GatedModule, list[tuple[Tensor, int, Tensor | None]]]
 
@@ -181,6 +187,74 @@ def _doubling_layer(model: nn.Module) -> GatedModule | None:
     return None
 
 
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _mlp_layers(model: nn.Module, modules: list[GatedModule], layers: list[GatedModule],
+                inputs: Tensor) -> tuple[list[GatedLinear], list[int]] | None:  # fmt: skip
+    """(the GatedLinear layers, their flags) of a model that npn_ext.paired_mlp can run in one
+    op: a plain nn.Sequential of GatedLinear layers (Binary gates, 0 < k < inf, batch noise, "in"
+    or "out"), each optionally followed by nn.ReLU, but not the last, whose weights have x's
+    dtype on the cpu backend, called on a 2-D batch, with no module hooks anywhere (the op calls
+    no module's forward) and nothing tracing. Else None: the model runs its own forward. flags[i]:
+    1 for "in" gates + 2 for a ReLU after layer i (csrc/cpu/npn_cpu.h's MlpFlags)."""
+    if (
+        type(model) is not nn.Sequential
+        or len(layers) != len(modules)
+        or type(inputs) is not Tensor
+        or inputs.dim() != 2
+        or inputs.shape[0] == 0
+        or backends.select(inputs.device) != "cpu"
+        or _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
+        or _hooked(model)
+    ):
+        return None
+    mlp: list[GatedLinear] = []
+    flags: list[int] = []
+    width = inputs.shape[1]
+    for m in model._modules.values():
+        if type(m) is nn.ReLU and flags and not flags[-1] & 2 and not _hooked(m):
+            flags[-1] |= 2
+            continue
+        if type(m) is not GatedLinear or m in mlp or _hooked(m) or m.in_features != width:
+            return None
+        weight = m._parameters.get("weight")
+        if (weight is None or m._parameters.get("phi") is None or m.noise != "batch" or m.granularity == "weight"
+                or weight.dtype != inputs.dtype or weight.device != inputs.device):  # fmt: skip
+            return None
+        mlp.append(m)
+        flags.append(1 if m.granularity == "in" else 0)
+        width = m.out_features
+    if len(mlp) != len(modules) or flags[-1] & 2:
+        return None
+    tensors = [inputs, *(t for m in mlp for t in (m.weight, m.bias, m.phi, m.seed, m.offset))]
+    return None if eager.traced(tensors) else (mlp, flags)
+
+
+def _paired_mlp(mlp: list[GatedLinear], flags: list[int], inputs: Tensor, draws: Draws,
+                penalties: dict[GatedModule, Tensor]) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The paired pass of _mlp_layers' model through npn_ext.paired_mlp: (the output under z,
+    under z' (no graph)), the layers' draws and penalties entered as their forwards enter them,
+    and each counter advanced as a plain forward advances it. The counters' copies and advances
+    are one foreach call each (two ATen calls per layer before)."""
+    counters = [m.offset for m in mlp]
+    offsets = torch._foreach_add(counters, 0)  # the op's copies; then the buffers advance
+    coef = [c for m in mlp for c in (float(m.weight.numel() // m.phi.numel()), float(m.l0), float(m.weight_decay))]
+    y1, y2, us, ps = _ext.ops.paired_mlp(inputs, [m.weight for m in mlp], [m.bias for m in mlp],
+                                         [m.phi for m in mlp], [m.seed for m in mlp], offsets,
+                                         [m.gate.k for m in mlp], flags, coef, COMPACT_BELOW)  # fmt: skip
+    torch._foreach_add_(counters, [counters_for(m.phi.numel()) for m in mlp])
+    rows = inputs.shape[0]
+    for m, offset, u, p in zip(mlp, offsets, us, ps):
+        draws[m] = [(offset, rows, u)]
+        penalties[m] = p
+    return y1, y2
+
+
 def _halves(out, rows: int):
     """The two halves of a paired pass's output: a tensor, or a nest of tensors, with 2·rows rows
     each; the second half detached (f(z') is a value only)."""
@@ -270,18 +344,27 @@ def _objective(model, modules, batchnorm: bool, loss_fn, inputs, target, average
     if average or batchnorm:
         return _two_passes(model, modules, layers, loss_fn, inputs, target, average, record)
     rows = inputs.shape[0]
+    mlp = _mlp_layers(model, modules, layers, inputs)
+    if mlp is not None:
+        first, second = _paired_mlp(*mlp, inputs, record, penalties)
+    else:
+        first, second = _halves(_paired_pass(model, modules, inputs, penalties, record), rows)
+    f = _scalar(loss_fn(first, target))
+    with torch.no_grad():  # f(z') is a value only: no graph to record
+        f2 = _scalar(loss_fn(second, target))
+    return _surrogate(layers, record, f2 - f.detach(), [f, *penalty_terms(modules, penalties)])
+
+
+def _paired_pass(model, modules, inputs: Tensor, penalties: dict[GatedModule, Tensor], record: Draws):
+    """The model's own forward on the paired batch (its first layer doubles x where it can)."""
+    rows = inputs.shape[0]
     doubling = _doubling_layer(model)
-    with _objective_pass(modules, paired=True, penalties=penalties, record=record) as draws:
+    with _objective_pass(modules, paired=True, penalties=penalties, record=record):
         if doubling is not None:
             vars(doubling)["paired"] = PAIRED_FROM_ONE
         try:
-            out = model(inputs if doubling is not None else _doubled(inputs))
+            return model(inputs if doubling is not None else _doubled(inputs))
         except (ValueError, TypeError, RuntimeError) as exc:  # a shape in the message has 2·B rows
             exc.add_note(f"(raised in npn.objective's paired pass: the model's layers saw [inputs; inputs], "
                          f"{2 * rows} rows for a batch of {rows})")  # fmt: skip
             raise
-    first, second = _halves(out, rows)
-    f = _scalar(loss_fn(first, target))
-    with torch.no_grad():  # f(z') is a value only: no graph to record
-        f2 = _scalar(loss_fn(second, target))
-    return _surrogate(layers, draws, f2 - f.detach(), [f, *penalty_terms(modules, penalties)])
