@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -191,14 +192,28 @@ def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
-def _mlp_layers(model: nn.Module, modules: list[GatedModule], layers: list[GatedModule],
-                inputs: Tensor) -> tuple[list[GatedLinear], list[int]] | None:  # fmt: skip
-    """(the GatedLinear layers, their flags) of a model that npn_ext.paired_mlp can run in one
-    op: a plain nn.Sequential of GatedLinear layers (Binary gates, 0 < k < inf, batch noise, "in"
-    or "out"), each optionally followed by nn.ReLU, but not the last, whose weights have x's
-    dtype on the cpu backend, called on a 2-D batch, with no module hooks anywhere (the op calls
-    no module's forward) and nothing tracing. Else None: the model runs its own forward. flags[i]:
-    1 for "in" gates + 2 for a ReLU after layer i (csrc/cpu/npn_cpu.h's MlpFlags)."""
+class _Mlp(NamedTuple):
+    """What npn_ext.paired_mlp takes of an MLP's GatedLinear layers (``counters``: their offset
+    buffers), read once from the modules' dicts (nn.Module.__getattr__ cost ~0.5 us a read,
+    ~40 reads a C4 step)."""
+
+    layers: list[GatedLinear]
+    flags: list[int]
+    weights: list[Tensor]
+    biases: list[Tensor | None]
+    phis: list[Tensor]
+    seeds: list[Tensor]
+    counters: list[Tensor]
+    coef: list[float]
+
+
+def _mlp_layers(model: nn.Module, modules: list[GatedModule], layers: list[GatedModule], inputs: Tensor) -> _Mlp | None:
+    """The GatedLinear layers of a model that npn_ext.paired_mlp can run in one op: a plain
+    nn.Sequential of GatedLinear layers (Binary gates, 0 < k < inf, batch noise, "in" or "out"),
+    each optionally followed by nn.ReLU, but not the last, whose weights have x's dtype and
+    device on the cpu backend, called on a 2-D batch, with no module hooks anywhere (the op
+    calls no module's forward) and nothing tracing. Else None: the model runs its own forward.
+    flags[i]: 1 for "in" gates + 2 for a ReLU after layer i (csrc/cpu/npn_cpu.h's MlpFlags)."""
     if (
         type(model) is not nn.Sequential
         or len(layers) != len(modules)
@@ -213,43 +228,45 @@ def _mlp_layers(model: nn.Module, modules: list[GatedModule], layers: list[Gated
         or _hooked(model)
     ):
         return None
-    mlp: list[GatedLinear] = []
-    flags: list[int] = []
+    mlp = _Mlp([], [], [], [], [], [], [], [])
     width = inputs.shape[1]
     for m in model._modules.values():
-        if type(m) is nn.ReLU and flags and not flags[-1] & 2 and not _hooked(m):
-            flags[-1] |= 2
+        if type(m) is nn.ReLU and mlp.flags and not mlp.flags[-1] & 2 and not _hooked(m):
+            mlp.flags[-1] |= 2
             continue
-        if type(m) is not GatedLinear or m in mlp or _hooked(m) or m.in_features != width:
+        if type(m) is not GatedLinear or m in mlp.layers or _hooked(m) or m.in_features != width:
             return None
-        weight = m._parameters.get("weight")
-        if (weight is None or m._parameters.get("phi") is None or m.noise != "batch" or m.granularity == "weight"
+        params, buffers = m._parameters, m._buffers
+        weight, phi = params.get("weight"), params.get("phi")  # absent under torch's parametrize
+        if (weight is None or phi is None or m.noise != "batch" or m.granularity == "weight"
                 or weight.dtype != inputs.dtype or weight.device != inputs.device):  # fmt: skip
             return None
-        mlp.append(m)
-        flags.append(1 if m.granularity == "in" else 0)
+        mlp.layers.append(m)
+        mlp.flags.append(1 if m.granularity == "in" else 0)
+        mlp.weights.append(weight)
+        mlp.biases.append(params.get("bias"))
+        mlp.phis.append(phi)
+        mlp.seeds.append(buffers["seed"])
+        mlp.counters.append(buffers["offset"])
+        mlp.coef.extend((float(weight.numel() // phi.numel()), float(m.l0), float(m.weight_decay)))
         width = m.out_features
-    if len(mlp) != len(modules) or flags[-1] & 2:
+    if len(mlp.layers) != len(modules) or mlp.flags[-1] & 2:
         return None
-    tensors = [inputs, *(t for m in mlp for t in (m.weight, m.bias, m.phi, m.seed, m.offset))]
-    return None if eager.traced(tensors) else (mlp, flags)
+    tensors = [inputs, *mlp.weights, *mlp.biases, *mlp.phis, *mlp.seeds, *mlp.counters]
+    return None if eager.traced(tensors) else mlp
 
 
-def _paired_mlp(mlp: list[GatedLinear], flags: list[int], inputs: Tensor, draws: Draws,
-                penalties: dict[GatedModule, Tensor]) -> tuple[Tensor, Tensor]:  # fmt: skip
+def _paired_mlp(mlp: _Mlp, inputs: Tensor, draws: Draws, penalties: dict[GatedModule, Tensor]) -> tuple[Tensor, Tensor]:
     """The paired pass of _mlp_layers' model through npn_ext.paired_mlp: (the output under z,
     under z' (no graph)), the layers' draws and penalties entered as their forwards enter them,
     and each counter advanced as a plain forward advances it. The counters' copies and advances
     are one foreach call each (two ATen calls per layer before)."""
-    counters = [m.offset for m in mlp]
-    offsets = torch._foreach_add(counters, 0)  # the op's copies; then the buffers advance
-    coef = [c for m in mlp for c in (float(m.weight.numel() // m.phi.numel()), float(m.l0), float(m.weight_decay))]
-    y1, y2, us, ps = _ext.ops.paired_mlp(inputs, [m.weight for m in mlp], [m.bias for m in mlp],
-                                         [m.phi for m in mlp], [m.seed for m in mlp], offsets,
-                                         [m.gate.k for m in mlp], flags, coef, COMPACT_BELOW)  # fmt: skip
-    torch._foreach_add_(counters, [counters_for(m.phi.numel()) for m in mlp])
+    offsets = torch._foreach_add(mlp.counters, 0)  # the op's copies; then the buffers advance
+    y1, y2, us, ps = _ext.ops.paired_mlp(inputs, mlp.weights, mlp.biases, mlp.phis, mlp.seeds, offsets,
+                                         [m.gate.k for m in mlp.layers], mlp.flags, mlp.coef, COMPACT_BELOW)  # fmt: skip
+    torch._foreach_add_(mlp.counters, [counters_for(phi.numel()) for phi in mlp.phis])
     rows = inputs.shape[0]
-    for m, offset, u, p in zip(mlp, offsets, us, ps):
+    for m, offset, u, p in zip(mlp.layers, offsets, us, ps):
         draws[m] = [(offset, rows, u)]
         penalties[m] = p
     return y1, y2
@@ -346,7 +363,7 @@ def _objective(model, modules, batchnorm: bool, loss_fn, inputs, target, average
     rows = inputs.shape[0]
     mlp = _mlp_layers(model, modules, layers, inputs)
     if mlp is not None:
-        first, second = _paired_mlp(*mlp, inputs, record, penalties)
+        first, second = _paired_mlp(mlp, inputs, record, penalties)
     else:
         first, second = _halves(_paired_pass(model, modules, inputs, penalties, record), rows)
     f = _scalar(loss_fn(first, target))
