@@ -205,7 +205,9 @@ struct PairedMlpFunction : public torch::autograd::Function<PairedMlpFunction> {
     auto list = [&](size_t j) { return at::TensorList(saved).slice(n + j * n, n); };
     const MlpLayers layers{list(0), list(1), list(2), list(3), list(4), ks, flags, penalty};
     std::vector<LayerKept> kept;
-    for (size_t i = 0; i < n; ++i) kept.push_back({false, saved[6 * n + 2 * i], saved[6 * n + 2 * i + 1]});
+    for (size_t i = 0; i < n; ++i) {
+      kept.push_back({false, saved[6 * n + 2 * i], saved[6 * n + 2 * i + 1]});
+    }
     std::vector<Tensor> grad_penalties(n);
     bool any = grads[0].defined();
     for (size_t i = 0; i < n && 2 + n + i < grads.size(); ++i) {
@@ -222,7 +224,10 @@ struct PairedMlpFunction : public torch::autograd::Function<PairedMlpFunction> {
     }
     if (!any || !wanted) return out;
     // a penalty used without y1 (rare): the task's part is zero
-    const Tensor grad_y1 = grads[0].defined() ? grads[0] : at::zeros({inputs[0].size(0), layers.weights[n - 1].size(0)}, inputs[0].options());
+    const Tensor grad_y1 =
+        grads[0].defined()
+            ? grads[0]
+            : at::zeros({inputs[0].size(0), layers.weights[n - 1].size(0)}, inputs[0].options());
     std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
     if (!at::GradMode::is_enabled()) below_autograd.emplace();
     auto [dx, dws, dbs, dphis] =
@@ -372,7 +377,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> paired_mlp_
     const Tensor& x, at::TensorList weights, const c10::List<std::optional<Tensor>>& biases,
     at::TensorList phis, at::TensorList seeds, at::TensorList offsets, c10::ArrayRef<double> ks,
     c10::ArrayRef<int64_t> flags, c10::ArrayRef<double> penalty, double compact_below) {
-  // x1 ⊙ z kept where the node is recorded (gated_linear_autograd; per layer: its W wants a gradient)
+  // x1 ⊙ z kept where the node is recorded and a layer's W wants a gradient (as in
+  // gated_linear_autograd)
   const bool keep_xz = at::GradMode::is_enabled();
   // a TensorList, not a vector: apply counts each entry of a TensorList as an input of its own
   const std::vector<Tensor> b = mlp_biases(biases, x);

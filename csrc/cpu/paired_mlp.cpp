@@ -102,9 +102,10 @@ paired_mlp_backward(const Tensor& grad_y1, const std::vector<Tensor>& grad_penal
   for (size_t i = n; i-- > 0;) {
     // the first half of layer i's input: rows the GEMMs read in the paired pass, in place
     const Tensor x1 = i == 0 ? inputs[0] : inputs[i].narrow(0, 0, b);
-    const bool below = i > 0 || need_x;
-    const std::array<bool, 4> layer_needs{below, needs[i][0], needs[i][1] && layers.biases[i].numel() > 0,
-                                          needs[i][2]};
+    // the gradient of the layer's input: the layer below (or x) takes it
+    const bool need_input = i > 0 || need_x;
+    const std::array<bool, 4> layer_needs{need_input, needs[i][0],
+                                          needs[i][1] && layers.biases[i].numel() > 0, needs[i][2]};
     const double k[] = {layers.ks[i]};
     const Tensor& gp = grad_penalties[i];
     auto [d_in, dw, db, dphi] = gated_linear_backward_kept(

@@ -262,8 +262,9 @@ def _paired_mlp(mlp: _Mlp, inputs: Tensor, draws: Draws, penalties: dict[GatedMo
     and each counter advanced as a plain forward advances it. The counters' copies and advances
     are one foreach call each (two ATen calls per layer before)."""
     offsets = torch._foreach_add(mlp.counters, 0)  # the op's copies; then the buffers advance
-    y1, y2, us, ps = _ext.ops.paired_mlp(inputs, mlp.weights, mlp.biases, mlp.phis, mlp.seeds, offsets,
-                                         [m.gate.k for m in mlp.layers], mlp.flags, mlp.coef, COMPACT_BELOW)  # fmt: skip
+    ks = [m.gate.k for m in mlp.layers]
+    y1, y2, us, ps = _ext.ops.paired_mlp(inputs, mlp.weights, mlp.biases, mlp.phis, mlp.seeds, offsets, ks, mlp.flags,
+                                         mlp.coef, COMPACT_BELOW)  # fmt: skip
     torch._foreach_add_(mlp.counters, [counters_for(phi.numel()) for phi in mlp.phis])
     rows = inputs.shape[0]
     for m, offset, u, p in zip(mlp.layers, offsets, us, ps):

@@ -188,10 +188,11 @@ def test_paired_mlp_under_no_grad_and_with_nan_phi(monkeypatch):
         assert torch.equal(npn.objective(model, F.cross_entropy, x, target), expected.detach())
     with torch.no_grad():
         model[2].phi[3] = float("nan")
-    counters = [m.offset.clone() for m in model if isinstance(m, npn.nn.GatedModule)]
+    gated = [m for m in model if isinstance(m, npn.nn.GatedModule)]
+    counters = [m.offset.clone() for m in gated]
     with pytest.raises(ValueError, match="phi: expected finite values"):
         npn.objective(model, F.cross_entropy, x, target)
-    assert all(torch.equal(a, m.offset) for a, m in zip(counters, [m for m in model if isinstance(m, npn.nn.GatedModule)]))
+    assert all(torch.equal(c, m.offset) for c, m in zip(counters, gated, strict=True))
 
 
 def test_paired_mlp_op_rejects_bad_lists():
