@@ -82,8 +82,8 @@ _LIB.define(
 _LIB.define("doubled(Tensor x) -> Tensor")
 # The paired (ARM) pass of an MLP of GatedLinear layers in one op (csrc/cpu/paired_mlp.cpp): x [B, K]
 # -> (y1, y2 [B, N]: the output under z and under z', us, penalties); Binary gates with batch noise,
-# flags[i] = 1 for "in" gates (else "out") + 2 for a ReLU after layer i (not the last), penalty:
-# [group_size, l0, weight_decay] per layer; CPU tensors.
+# flags[i] = 1 for "in" gates (else "out") + 2, 4 or 6 for a ReLU, Tanh or Sigmoid after layer i
+# (not the last), penalty: [group_size, l0, weight_decay] per layer; CPU tensors.
 _LIB.define(
     "paired_mlp(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor[] phis, Tensor[] seeds, Tensor[] offsets, "
     "float[] ks, int[] flags, float[] penalty, float compact_below) -> (Tensor, Tensor, Tensor[], Tensor[])"

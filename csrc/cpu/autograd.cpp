@@ -148,7 +148,7 @@ struct GatedLinearFunction : public torch::autograd::Function<GatedLinearFunctio
 };
 
 // One autograd node for npn_ext::paired_mlp (paired_mlp.cpp): the forward saves x, each later
-// layer's input (the paired ReLU outputs), the layers' tensors and what each layer kept; the
+// layer's input (the paired activation outputs), the layers' tensors and what each layer kept; the
 // backward walks them in reverse. Outputs: y1 (differentiable), y2 and the noise us (not), then
 // the layers' penalties (differentiable). Inputs, as the engine counts them: x, the n weights,
 // biases (empty where a layer has none), phis, seeds and offsets, then ks, flags, penalty,

@@ -155,10 +155,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_linear_autograd(
     c10::ArrayRef<double> params, c10::string_view granularity, bool training, int64_t paired,
     bool keep_sample, double compact_below, c10::ArrayRef<double> penalty_coef);
 // The paired (ARM) pass of an MLP of GatedLinear layers (csrc/cpu/paired_mlp.cpp): Binary gates
-// with batch noise, flags[i] = kMlpInGates for "in" gates (else "out") | kMlpRelu for a ReLU
-// after layer i; penalty: [group_size, l0, weight_decay] per layer. Non-owning: the caller keeps
-// the lists alive; an empty bias stands for none (mlp_biases).
-enum MlpFlags : int64_t { kMlpInGates = 1, kMlpRelu = 2 };
+// with batch noise, flags[i] = kMlpInGates for "in" gates (else "out") | the activation after
+// layer i (kMlpRelu, kMlpTanh or kMlpSigmoid in the bits of kMlpActivation; none: 0); penalty:
+// [group_size, l0, weight_decay] per layer. Non-owning: the caller keeps the lists alive; an
+// empty bias stands for none (mlp_biases).
+enum MlpFlags : int64_t {
+  kMlpInGates = 1,
+  kMlpRelu = 2,
+  kMlpTanh = 4,
+  kMlpSigmoid = 6,
+  kMlpActivation = 6
+};
 struct MlpLayers {
   at::TensorList weights, biases, phis, seeds, offsets;
   c10::ArrayRef<double> ks;

@@ -1,6 +1,6 @@
 // The paired (ARM) pass of an MLP in one op (npn.objective, DESIGN 4.3): an nn.Sequential of
 // GatedLinear layers with Binary "in"/"out" gates and batch noise, each optionally followed by a
-// ReLU, run on the batch x as the layer-by-layer pass runs it (the first layer takes x for
+// ReLU, Tanh or Sigmoid, run on the batch x as the layer-by-layer pass runs it (the first layer takes x for
 // [x; x], the others the paired rows), through the same launchers (gated_linear.cpp), so both
 // give the same bits. Why one op: around the layers' ops, their Python calls took 56, 39 and
 // 30 us of a ~2.7 ms C4 step (in-step timers, 2026-12-08), beside the ReLU modules, their nodes
@@ -33,16 +33,38 @@ void check_mlp(const Tensor& x, const MlpLayers& layers) {
               layers.ks.size(), ", ", layers.flags.size(), " and ", layers.penalty.size());
   TORCH_CHECK(x.dim() == 2, "x: expected a batch [B, K], got ", x.sizes());
   for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(layers.flags[i] >= 0 && layers.flags[i] <= (kMlpInGates | kMlpRelu),
-                "flags[", i, "]: expected a combination of 1 ('in' gates) and 2 (ReLU after), got ",
-                layers.flags[i]);
+    TORCH_CHECK(layers.flags[i] >= 0 && layers.flags[i] <= (kMlpInGates | kMlpActivation),
+                "flags[", i, "]: expected 1 or 0 ('in' or 'out' gates) plus 2, 4, 6 or 0 (a ReLU, "
+                "Tanh, Sigmoid or no activation after the layer), got ", layers.flags[i]);
   }
   // its backward would need the output itself; npn.objective takes the layer-by-layer pass then
-  TORCH_CHECK(!(layers.flags[n - 1] & kMlpRelu), "flags[", n - 1,
-              "]: a ReLU after the last layer is not supported");
+  TORCH_CHECK(!(layers.flags[n - 1] & kMlpActivation), "flags[", n - 1,
+              "]: an activation after the last layer is not supported");
 }
 
 c10::string_view granularity(int64_t flags) { return (flags & kMlpInGates) ? "in" : "out"; }
+
+// y's activation, in place (y is the layer's own new tensor): the op nn.ReLU, nn.Tanh or
+// nn.Sigmoid calls, in its in-place form
+Tensor activate_(Tensor& y, int64_t flags) {
+  switch (flags & kMlpActivation) {
+    case kMlpRelu: return y.relu_();
+    case kMlpTanh: return y.tanh_();
+    case kMlpSigmoid: return y.sigmoid_();
+    default: return y;
+  }
+}
+
+// The gradient of an activation's input from its output, as its autograd node computes it
+// (ReluBackward0, TanhBackward0, SigmoidBackward0 all read the result).
+Tensor activation_backward(const Tensor& grad, const Tensor& out, int64_t flags) {
+  switch (flags & kMlpActivation) {
+    case kMlpRelu: return at::threshold_backward(grad, out, 0);
+    case kMlpTanh: return at::tanh_backward(grad, out);
+    case kMlpSigmoid: return at::sigmoid_backward(grad, out);
+    default: return grad;
+  }
+}
 
 // Layer i's bias: an empty entry of MlpLayers::biases stands for none.
 std::optional<Tensor> bias(const MlpLayers& layers, size_t i) {
@@ -54,8 +76,8 @@ std::optional<Tensor> bias(const MlpLayers& layers, size_t i) {
 
 // x [B, K0] -> (y1 [B, N], y2 [B, N], us, penalties): the last layer's output under z (y1) and
 // ARM's z' (y2), the noise u [P_i] (float32) of each layer's gates and each layer's penalty
-// (0-dim). inputs (when given) receives each layer's input (x, then the paired [2B, K_i] ReLU
-// outputs) and kept what each layer's forward kept (keep_xz: x1 ⊙ z, see LayerKept).
+// (0-dim). inputs (when given) receives each layer's input (x, then the paired [2B, K_i]
+// outputs of the layer before, activated) and kept what each layer's forward kept (keep_xz: x1 ⊙ z, see LayerKept).
 std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> paired_mlp_forward(
     const Tensor& x, const MlpLayers& layers, double compact_below, bool keep_xz,
     std::vector<Tensor>* inputs, std::vector<LayerKept>* kept) {
@@ -75,8 +97,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> paired_mlp_
     if (kept != nullptr) kept->push_back(std::move(layer_kept));
     us.push_back(u);
     penalties.push_back(p);
-    // in place: y is the layer's own new tensor, and ReLU's backward reads its output
-    h = (layers.flags[i] & kMlpRelu) ? y.relu_() : y;
+    h = activate_(y, layers.flags[i]);  // the activations' backward reads their output
   }
   const int64_t b = x.size(0);
   // y1 a tensor of its own: the caller's loss may write into its input, and a view of a
@@ -119,8 +140,8 @@ paired_mlp_backward(const Tensor& grad_y1, const std::vector<Tensor>& grad_penal
     if (i == 0) {
       dx = need_x ? d_in : Tensor();
     } else {
-      // ReLU's backward as ReluBackward0 computes it: from its output, the next layer's input
-      grad = (layers.flags[i - 1] & kMlpRelu) ? at::threshold_backward(d_in, x1, 0) : d_in;
+      // through layer i - 1's activation, whose output is layer i's input
+      grad = activation_backward(d_in, x1, layers.flags[i - 1]);
     }
   }
   return {dx, dws, dbs, dphis};

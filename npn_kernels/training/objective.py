@@ -192,11 +192,16 @@ def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
+# The activations npn_ext.paired_mlp applies after a layer: their bits of its flags (csrc/cpu/npn_cpu.h's MlpFlags)
+_ACTIVATIONS: dict[type, int] = {nn.ReLU: 2, nn.Tanh: 4, nn.Sigmoid: 6}
+
+
 class _Mlp(NamedTuple):
     """What npn_ext.paired_mlp takes of an MLP's GatedLinear layers (``counters``: their offset
     buffers), read once from the modules' dicts (nn.Module.__getattr__ cost ~0.5 us a read,
-    ~40 reads a C4 step)."""
+    ~40 reads a C4 step); ``flatten``: the model starts with nn.Flatten()."""
 
+    flatten: bool
     layers: list[GatedLinear]
     flags: list[int]
     weights: list[Tensor]
@@ -210,15 +215,19 @@ class _Mlp(NamedTuple):
 def _mlp_layers(model: nn.Module, modules: list[GatedModule], layers: list[GatedModule], inputs: Tensor) -> _Mlp | None:
     """The GatedLinear layers of a model that npn_ext.paired_mlp can run in one op: a plain
     nn.Sequential of GatedLinear layers (Binary gates, 0 < k < inf, batch noise, "in" or "out"),
-    each optionally followed by nn.ReLU, but not the last, whose weights have x's dtype and
-    device on the cpu backend, called on a 2-D batch, with no module hooks anywhere (the op
-    calls no module's forward) and nothing tracing. Else None: the model runs its own forward.
-    flags[i]: 1 for "in" gates + 2 for a ReLU after layer i (csrc/cpu/npn_cpu.h's MlpFlags)."""
+    each optionally followed by nn.ReLU, nn.Tanh or nn.Sigmoid, but not the last, after an
+    optional nn.Flatten() (a batch [B, K], or [B, ...] flattened), whose weights have x's dtype
+    and device on the cpu backend, with no module hooks anywhere (the op calls no module's
+    forward) and nothing tracing. Else None: the model runs its own forward. flags[i]: 1 for
+    "in" gates + the bits of the activation after layer i (_ACTIVATIONS)."""
+    children = list(model._modules.values()) if type(model) is nn.Sequential else []
+    first = children[0] if children else None
+    flatten = type(first) is nn.Flatten and first.start_dim == 1 and first.end_dim == -1 and not _hooked(first)
     if (
-        type(model) is not nn.Sequential
+        not children
         or len(layers) != len(modules)
         or type(inputs) is not Tensor
-        or inputs.dim() != 2
+        or inputs.dim() != 2 and not (flatten and inputs.dim() > 2)
         or inputs.shape[0] == 0
         or backends.select(inputs.device) != "cpu"
         or _module._global_forward_hooks
@@ -228,11 +237,12 @@ def _mlp_layers(model: nn.Module, modules: list[GatedModule], layers: list[Gated
         or _hooked(model)
     ):
         return None
-    mlp = _Mlp([], [], [], [], [], [], [], [])
-    width = inputs.shape[1]
-    for m in model._modules.values():
-        if type(m) is nn.ReLU and mlp.flags and not mlp.flags[-1] & 2 and not _hooked(m):
-            mlp.flags[-1] |= 2
+    mlp = _Mlp(flatten, [], [], [], [], [], [], [], [])
+    width = math.prod(inputs.shape[1:])
+    for m in children[1:] if flatten else children:
+        activation = _ACTIVATIONS.get(type(m))
+        if activation is not None and mlp.flags and not mlp.flags[-1] & 6 and not _hooked(m):
+            mlp.flags[-1] |= activation
             continue
         if type(m) is not GatedLinear or m in mlp.layers or _hooked(m) or m.in_features != width:
             return None
@@ -250,7 +260,7 @@ def _mlp_layers(model: nn.Module, modules: list[GatedModule], layers: list[Gated
         mlp.counters.append(buffers["offset"])
         mlp.coef.extend((float(weight.numel() // phi.numel()), float(m.l0), float(m.weight_decay)))
         width = m.out_features
-    if len(mlp.layers) != len(modules) or mlp.flags[-1] & 2:
+    if len(mlp.layers) != len(modules) or mlp.flags[-1] & 6:
         return None
     tensors = [inputs, *mlp.weights, *mlp.biases, *mlp.phis, *mlp.seeds, *mlp.counters]
     return None if eager.traced(tensors) else mlp
@@ -263,7 +273,8 @@ def _paired_mlp(mlp: _Mlp, inputs: Tensor, draws: Draws, penalties: dict[GatedMo
     are one foreach call each (two ATen calls per layer before)."""
     offsets = torch._foreach_add(mlp.counters, 0)  # the op's copies; then the buffers advance
     ks = [m.gate.k for m in mlp.layers]
-    y1, y2, us, ps = _ext.ops.paired_mlp(inputs, mlp.weights, mlp.biases, mlp.phis, mlp.seeds, offsets, ks, mlp.flags,
+    x = inputs.flatten(1) if mlp.flatten else inputs  # nn.Flatten's op
+    y1, y2, us, ps = _ext.ops.paired_mlp(x, mlp.weights, mlp.biases, mlp.phis, mlp.seeds, offsets, ks, mlp.flags,
                                          mlp.coef, COMPACT_BELOW)  # fmt: skip
     torch._foreach_add_(mlp.counters, [counters_for(phi.numel()) for phi in mlp.phis])
     rows = inputs.shape[0]

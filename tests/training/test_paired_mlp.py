@@ -21,8 +21,9 @@ pytestmark = pytest.mark.skipif(not npn.backends.available()["cpu"], reason="the
 K7 = npn.Binary(7.0)
 
 
-def _mlp(granularity="in", bias=True, relus=(True, False), dtype=torch.float32, phi="initial"):
-    """GatedLinear 37 -> 23 -> 11 -> 5 (odd widths), a ReLU after the layers that ``relus`` names."""
+def _mlp(granularity="in", bias=True, activations=(nn.ReLU, None), dtype=torch.float32, phi="initial"):
+    """GatedLinear 37 -> 23 -> 11 -> 5 (odd widths), ``activations[i]`` (a module type or None)
+    after layer i."""
     torch.manual_seed(11)
     widths = (37, 23, 11, 5)
     modules: list[nn.Module] = []
@@ -35,8 +36,8 @@ def _mlp(granularity="in", bias=True, relus=(True, False), dtype=torch.float32, 
             elif phi == "mostly closed":  # few open units: the gathered GEMMs
                 layer.phi.copy_(torch.where(torch.rand_like(layer.phi) < 0.7, -40 / 7, 3 / 7))
         modules.append(layer)
-        if i < len(relus) and relus[i]:
-            modules.append(nn.ReLU())
+        if i < len(activations) and activations[i] is not None:
+            modules.append(activations[i]())
     return nn.Sequential(*modules)
 
 
@@ -68,12 +69,16 @@ def _steps(model, x, target, fused: bool, monkeypatch, steps=2):
 
 @pytest.mark.parametrize("granularity", ["in", "out"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
-@pytest.mark.parametrize("relus", [(True, True), (False, True), ()], ids=["relu, relu", "-, relu", "no relu"])
+@pytest.mark.parametrize(
+    "activations",
+    [(nn.ReLU, nn.ReLU), (None, nn.ReLU), (), (nn.Tanh, nn.Sigmoid)],
+    ids=["relu, relu", "-, relu", "none", "tanh, sigmoid"],
+)
 @pytest.mark.parametrize("phi", ["initial", "half", "mostly closed"])
-def test_paired_mlp_is_the_layer_by_layer_pass(granularity, bias, relus, phi, monkeypatch):
+def test_paired_mlp_is_the_layer_by_layer_pass(granularity, bias, activations, phi, monkeypatch):
     """Loss, every gradient and the counters after two steps (Adam between them, so the second
     draws other gates from changed phi) are the bits of the same model's layer-by-layer pass."""
-    base = _mlp(granularity, bias, relus, phi=phi)
+    base = _mlp(granularity, bias, activations, phi=phi)
     x, target = torch.randn(9, 37), torch.randint(0, 5, (9,))
     fused = _steps(copy.deepcopy(base), x, target, True, monkeypatch)
     layered = _steps(copy.deepcopy(base), x, target, False, monkeypatch)
@@ -82,14 +87,20 @@ def test_paired_mlp_is_the_layer_by_layer_pass(granularity, bias, relus, phi, mo
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("x_kind", ["non-contiguous", "needs grad"])
+@pytest.mark.parametrize("x_kind", ["non-contiguous", "needs grad", "flattened"])
 def test_paired_mlp_dtypes_and_inputs(dtype, x_kind, monkeypatch):
-    base = _mlp("in", True, (True, True), dtype=dtype)
-    x = torch.randn(37, 9, dtype=dtype).t() if x_kind == "non-contiguous" else torch.randn(9, 37, dtype=dtype)
+    """As above for other dtypes and batches: a non-contiguous x, an x that needs its gradient
+    (through nn.Flatten's view where the model starts with one)."""
+    base = _mlp("in", True, (nn.ReLU, nn.ReLU), dtype=dtype)
+    if x_kind == "flattened":
+        base = nn.Sequential(nn.Flatten(), *base)
+        x = torch.randn(9, 1, 37, dtype=dtype)
+    else:
+        x = torch.randn(37, 9, dtype=dtype).t() if x_kind == "non-contiguous" else torch.randn(9, 37, dtype=dtype)
     target = torch.randint(0, 5, (9,))
     results = []
     for fused in (True, False):
-        xs = x.detach().clone().requires_grad_() if x_kind == "needs grad" else x
+        xs = x.detach().clone().requires_grad_() if x_kind != "non-contiguous" else x
         results.append(_steps(copy.deepcopy(base), xs, target, fused, monkeypatch))
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
@@ -97,7 +108,7 @@ def test_paired_mlp_dtypes_and_inputs(dtype, x_kind, monkeypatch):
 
 def test_paired_mlp_matches_the_reference(monkeypatch):
     """The one op on the cpu backend against the reference backend's layer-by-layer pass."""
-    base = _mlp("out", True, (True, False))
+    base = _mlp("out", True, (nn.Tanh, nn.ReLU))
     x, target = torch.randn(9, 37), torch.randint(0, 5, (9,))
     fused = _steps(copy.deepcopy(base), x, target, True, monkeypatch, steps=1)
     with npn.backends.use("reference"):
@@ -136,9 +147,9 @@ def _at_k_inf(model):
     return model
 
 
-def _two_relus():
+def _two_activations():
     layers = list(_mlp())
-    return nn.Sequential(*layers[:2], nn.ReLU(), *layers[2:])
+    return nn.Sequential(*layers[:2], nn.Tanh(), *layers[2:])
 
 
 def _twice():
@@ -154,9 +165,13 @@ def _twice():
         ("a layer's hook", lambda: _hook(_mlp(), 0), False),
         ("a ReLU's hook", lambda: _hook(_mlp(), 1), False),
         ("the model's hook", lambda: _hook(_mlp()), False),
+        ("after nn.Flatten()", lambda: nn.Sequential(nn.Flatten(), *_mlp()), True),
+        ("after a hooked nn.Flatten()", lambda: _hook(nn.Sequential(nn.Flatten(), *_mlp()), 0), False),
         ("a ReLU after the last layer", lambda: nn.Sequential(*_mlp(), nn.ReLU()), False),
-        ("two ReLUs in a row", _two_relus, False),
-        ("a Tanh", lambda: _replace(_mlp(), 1, nn.Tanh()), False),
+        ("two activations in a row", _two_activations, False),
+        ("a Tanh", lambda: _replace(_mlp(), 1, nn.Tanh()), True),
+        ("a GELU", lambda: _replace(_mlp(), 1, nn.GELU()), False),
+        ("a LeakyReLU", lambda: _replace(_mlp(), 1, nn.LeakyReLU()), False),
         ("a layer at k = inf", lambda: _at_k_inf(_mlp()), False),
         ("example noise", lambda: _replace(_mlp(), 0, npn.GatedLinear(37, 23, gate=K7, noise="example")), False),
         ("weight gates", lambda: _replace(_mlp(), 0, npn.GatedLinear(37, 23, gate=K7, granularity="weight")), False),
@@ -204,9 +219,9 @@ def test_paired_mlp_op_rejects_bad_lists():
     assert _ext.ops.paired_mlp(x, **args)[0].shape == (2, 3)
     with pytest.raises(RuntimeError, match="three penalty coefficients per layer"):
         _ext.ops.paired_mlp(x, **{**args, "penalty": [3.0]})
-    with pytest.raises(RuntimeError, match="flags"):
-        _ext.ops.paired_mlp(x, **{**args, "flags": [4]})
-    with pytest.raises(RuntimeError, match="a ReLU after the last layer"):
+    with pytest.raises(RuntimeError, match=r"flags\[0\]: expected"):
+        _ext.ops.paired_mlp(x, **{**args, "flags": [8]})
+    with pytest.raises(RuntimeError, match="an activation after the last layer"):
         _ext.ops.paired_mlp(x, **{**args, "flags": [3]})
     with pytest.raises(RuntimeError, match="x: expected"):
         _ext.ops.paired_mlp(torch.randn(2, 5), **args)
