@@ -1,8 +1,8 @@
 // The paired (ARM) pass of an MLP in one op (npn.objective, DESIGN 4.3): an nn.Sequential of
 // GatedLinear layers with Binary "in"/"out" gates and batch noise, each optionally followed by a
-// ReLU, Tanh or Sigmoid, run on the batch x as the layer-by-layer pass runs it (the first layer takes x for
-// [x; x], the others the paired rows), through the same launchers (gated_linear.cpp), so both
-// give the same bits. Why one op: around the layers' ops, their Python calls took 56, 39 and
+// ReLU, Tanh or Sigmoid, run on the batch x as the layer-by-layer pass runs it (the first layer
+// takes x for [x; x], the others the paired rows), through the same launchers (gated_linear.cpp),
+// so both give the same bits. Why one op: around the layers' ops, their Python calls took 56, 39 and
 // 30 us of a ~2.7 ms C4 step (in-step timers, 2026-12-08), beside the ReLU modules, their nodes
 // and the slice of the output's first half: 8-10% of the step, one op instead (bench/NOTES.md).
 // The backward walks the layers in reverse over the first half only (the second half needs no
@@ -77,7 +77,8 @@ std::optional<Tensor> bias(const MlpLayers& layers, size_t i) {
 // x [B, K0] -> (y1 [B, N], y2 [B, N], us, penalties): the last layer's output under z (y1) and
 // ARM's z' (y2), the noise u [P_i] (float32) of each layer's gates and each layer's penalty
 // (0-dim). inputs (when given) receives each layer's input (x, then the paired [2B, K_i]
-// outputs of the layer before, activated) and kept what each layer's forward kept (keep_xz: x1 ⊙ z, see LayerKept).
+// outputs of the layer before, activated) and kept what each layer's forward kept (keep_xz:
+// x1 ⊙ z, see LayerKept).
 std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> paired_mlp_forward(
     const Tensor& x, const MlpLayers& layers, double compact_below, bool keep_xz,
     std::vector<Tensor>* inputs, std::vector<LayerKept>* kept) {

@@ -7,11 +7,11 @@ value zero (never by writing .grad), so DDP, gradient accumulation and AMP see i
 
 f(z') comes from ONE pass over the doubled batch [x; x] (the ops' paired mode: the first half
 sees z, the second ARM's z' = 1[u > 1 − pi] from the same u, and its backward skips the second
-half). An nn.Sequential MLP of GatedLinear layers (and ReLUs) runs that pass as one C++ op on the
-cpu backend (npn_ext.paired_mlp: no module calls, one autograd node); otherwise the first gated
-layer of an nn.Sequential takes x itself and doubles it in its output (PAIRED_FROM_ONE), and
-other models get [x; x]. Models with BatchNorm in training mode couple the
-rows of a batch, so [x; x] would mix z- and z'-statistics: they take two passes (see
+half). An nn.Sequential MLP of GatedLinear layers and activations runs that pass as one C++ op
+on the cpu backend (npn_ext.paired_mlp: no module calls, one autograd node; see _mlp_layers);
+otherwise the first gated layer of an nn.Sequential takes x itself and doubles it in its output
+(PAIRED_FROM_ONE), and other models get [x; x]. Models with BatchNorm in training mode couple
+the rows of a batch, so [x; x] would mix z- and z'-statistics: they take two passes (see
 :func:`_two_passes`).
 """
 
@@ -192,8 +192,10 @@ def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
-# The activations npn_ext.paired_mlp applies after a layer: their bits of its flags (csrc/cpu/npn_cpu.h's MlpFlags)
+# The activations npn_ext.paired_mlp applies after a layer: their bits of its flags, all of them in
+# _ACTIVATION_BITS (csrc/cpu/npn_cpu.h's MlpFlags)
 _ACTIVATIONS: dict[type, int] = {nn.ReLU: 2, nn.Tanh: 4, nn.Sigmoid: 6}
+_ACTIVATION_BITS = 6
 
 
 class _Mlp(NamedTuple):
@@ -241,7 +243,7 @@ def _mlp_layers(model: nn.Module, modules: list[GatedModule], layers: list[Gated
     width = math.prod(inputs.shape[1:])
     for m in children[1:] if flatten else children:
         activation = _ACTIVATIONS.get(type(m))
-        if activation is not None and mlp.flags and not mlp.flags[-1] & 6 and not _hooked(m):
+        if activation is not None and mlp.flags and not mlp.flags[-1] & _ACTIVATION_BITS and not _hooked(m):
             mlp.flags[-1] |= activation
             continue
         if type(m) is not GatedLinear or m in mlp.layers or _hooked(m) or m.in_features != width:
@@ -260,7 +262,7 @@ def _mlp_layers(model: nn.Module, modules: list[GatedModule], layers: list[Gated
         mlp.counters.append(buffers["offset"])
         mlp.coef.extend((float(weight.numel() // phi.numel()), float(m.l0), float(m.weight_decay)))
         width = m.out_features
-    if len(mlp.layers) != len(modules) or mlp.flags[-1] & 6:
+    if len(mlp.layers) != len(modules) or mlp.flags[-1] & _ACTIVATION_BITS:
         return None
     tensors = [inputs, *mlp.weights, *mlp.biases, *mlp.phis, *mlp.seeds, *mlp.counters]
     return None if eager.traced(tensors) else mlp

@@ -41,16 +41,18 @@ def _mlp(granularity="in", bias=True, activations=(nn.ReLU, None), dtype=torch.f
     return nn.Sequential(*modules)
 
 
+def _spy(monkeypatch) -> list[int]:
+    """The calls of npn_ext.paired_mlp from here on (one entry each), until monkeypatch.undo()."""
+    calls: list[int] = []
+    real = _ext.ops.paired_mlp
+    monkeypatch.setattr(objective_module._ext.ops, "paired_mlp", lambda *a: calls.append(1) or real(*a),
+                        raising=False)  # fmt: skip
+    return calls
+
+
 def _steps(model, x, target, fused: bool, monkeypatch, steps=2):
     """(loss, gradients (x's last), counters) after ``steps`` objective steps with Adam between."""
-    calls = []
-    real = _ext.ops.paired_mlp
-
-    def spy(*args):
-        calls.append(1)
-        return real(*args)
-
-    monkeypatch.setattr(objective_module._ext.ops, "paired_mlp", spy, raising=False)
+    calls = _spy(monkeypatch)
     if not fused:
         monkeypatch.setattr(objective_module, "_mlp_layers", lambda *args: None)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -121,10 +123,7 @@ def _taken(model, monkeypatch, x=None, loss_fn=F.cross_entropy) -> bool:
     """Whether npn.objective on ``model`` took npn_ext.paired_mlp."""
     x = torch.randn(4, 37) if x is None else x
     target = torch.randint(0, 5, x.shape[:-1])
-    calls = []
-    real = _ext.ops.paired_mlp
-    monkeypatch.setattr(objective_module._ext.ops, "paired_mlp", lambda *a: calls.append(1) or real(*a),
-                        raising=False)  # fmt: skip
+    calls = _spy(monkeypatch)
     try:
         npn.objective(model, loss_fn, x, target).backward()
     finally:
